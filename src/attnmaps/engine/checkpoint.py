@@ -1,0 +1,158 @@
+"""Resumable checkpoints: model weights as safetensors plus a ``weights_only``-loadable state file.
+
+A checkpoint ``<tag>`` in ``run_dir`` is the pair ``<tag>.safetensors`` / ``<tag>.state.pt``.
+Both files are written to temporary siblings first and then moved into place, so a failed save
+leaves the previous pair intact. Example::
+
+    save_checkpoint(run_dir, model, {"optimizer": opt.state_dict(), "epoch": 3,
+                                     "rng": capture_rng_state()})
+    state = load_checkpoint(run_dir, model)
+    restore_rng_state(state["rng"])
+"""
+
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from attnmaps.config import atomic_write
+
+_ID_KEY = "checkpoint_id"
+
+
+def checkpoint_paths(run_dir: str | Path, tag: str = "last") -> tuple[Path, Path]:
+    """``(weights, state)`` file paths of checkpoint ``tag`` in ``run_dir``."""
+    if not tag or any(sep in tag for sep in ("/", "\\")):
+        raise ValueError(f"Checkpoint tag {tag!r} must be a non-empty file name without '/'")
+    run_dir = Path(run_dir)
+    return run_dir / f"{tag}.safetensors", run_dir / f"{tag}.state.pt"
+
+
+def save_checkpoint(
+    run_dir: str | Path, model: nn.Module, extra_state: dict[str, Any], *, tag: str = "last"
+) -> None:
+    """Atomically save ``model``'s weights and ``extra_state`` as checkpoint ``tag``.
+
+    ``extra_state`` may hold tensors, numbers, strings, lists, tuples and dicts (e.g. optimizer
+    and scheduler state dicts, epoch, step, :func:`capture_rng_state`). Tied (shared) tensors
+    are stored once.
+    """
+    weights_path, state_path = checkpoint_paths(run_dir, tag)
+    if _ID_KEY in extra_state:
+        raise ValueError(f"extra_state must not use the reserved key {_ID_KEY!r}")
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    pair_id = uuid.uuid4().hex
+    atomic_write(
+        {
+            weights_path: lambda tmp: save_model(
+                model, str(tmp), metadata={_ID_KEY: pair_id}, force_contiguous=True
+            ),
+            state_path: lambda tmp: torch.save({**extra_state, _ID_KEY: pair_id}, tmp),
+        }
+    )
+
+
+def load_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    *,
+    tag: str = "last",
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load checkpoint ``tag`` into ``model`` (strictly) and return its ``extra_state``."""
+    weights_path, state_path = checkpoint_paths(run_dir, tag)
+    for path in (weights_path, state_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    with safe_open(weights_path, framework="pt") as f:
+        weights_id = (f.metadata() or {}).get(_ID_KEY)
+    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    if state.pop(_ID_KEY, None) != weights_id:
+        raise ValueError(
+            f"{weights_path} and {state_path} come from different saves (the last save was "
+            "interrupted between moving the two files into place); resume from another tag"
+        )
+    load_weights(weights_path, model)
+    return state
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load a bare ``.safetensors`` file into ``model`` strictly.
+
+    A key missing from the file is accepted when it is tied to (shares storage with) a key that
+    the file has. Nothing is loaded when keys or shapes do not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    tensors = load_file(path)
+    expected = model.state_dict()
+    stored = {_storage_key(t): name for name, t in expected.items() if name in tensors}
+    full = {
+        name: tensors[name] if name in tensors else tensors[stored[_storage_key(t)]]
+        for name, t in expected.items()
+        if name in tensors or _storage_key(t) in stored
+    }
+    missing = sorted(set(expected) - set(full))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{name} {tuple(full[name].shape)} vs {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in full and full[name].shape != t.shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label}: {', '.join(names)}"
+            for label, names in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (file vs model)", mismatched),
+            )
+            if names
+        ]
+        raise ValueError(
+            f"Weights in {path} do not match {type(model).__name__}; " + "; ".join(problems)
+        )
+    model.load_state_dict(full)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor views; equal for tied tensors."""
+    if t.numel() == 0:
+        return ("empty", id(t))
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Torch (CPU and CUDA), Python ``random`` and NumPy global RNG states, as plain data."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": [str(name), keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured.
+
+    The CUDA states are restored only when as many CUDA devices are visible as were saved.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])

@@ -1,0 +1,328 @@
+"""ClassTokenViT: a Vision Transformer with one [CLS] token per class and register tokens.
+
+Token layout ``[CLS_1 ... CLS_K | patch tokens | REG_1 ... REG_R]``. Every attention head carries a
+Hard-Concrete gate; during training the output embeddings of absent classes' tokens are randomly
+zeroed (class-token masking), which ties token ``c`` to class ``c``. The attention of token ``c``
+over the patches is the class-``c`` map used for pseudo masks.
+
+Example:
+    >>> model = ClassTokenViT(num_classes=5, img_size=(32, 48), patch_size=8, embed_dim=32,
+    ...                       depth=2, num_heads=2).eval()
+    >>> logits, maps = model.predict(torch.randn(1, 3, 32, 48))
+    >>> logits.shape, maps.shape
+    (torch.Size([1, 5]), torch.Size([1, 5, 4, 6]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gates import HardConcreteGate
+
+
+class LinearPatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches projected linearly (a strided convolution)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """log2(patch_size) stride-2 3x3 convolutions (BN + GELU), then a 1x1 projection.
+
+    Early convolutions make small ViTs trained from scratch learn much faster (Xiao et al., 2021).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        steps = int(round(math.log2(patch_size)))
+        if 2**steps != patch_size:
+            raise ValueError(
+                f"model.stem='conv' needs a power-of-two patch size, got patch_size={patch_size}; "
+                "use model.stem=linear for patch sizes such as 14"
+            )
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for i in range(steps):
+            out = max(embed_dim // 2 ** (steps - 1 - i), 16)
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class GatedAttention(nn.Module):
+    """Multi-head self-attention, ``concat_i(g_i * head_i) W^O``, on the fused SDPA kernel.
+
+    ``forward(x, num_query_rows=K)`` also returns the softmax attention of the first ``K`` tokens
+    (the class tokens) over all tokens, [B, heads, K, N], computed from those rows alone.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, gates: bool = True,
+                 gate_temperature: float = 0.33):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.gate = HardConcreteGate(num_heads, gate_temperature) if gates else None
+
+    def forward(self, x: Tensor, num_query_rows: int = 0) -> tuple[Tensor, Tensor | None]:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        if self.gate is not None:
+            out = out * self.gate().to(out.dtype).view(1, -1, 1, 1)
+        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        rows = None
+        if num_query_rows:
+            scores = q[:, :, :num_query_rows] @ k.transpose(-2, -1) * self.head_dim**-0.5
+            rows = scores.softmax(dim=-1)
+        return out, rows
+
+    def head_weights(self) -> Tensor:
+        """Deterministic gate value of every head (ones without gates)."""
+        if self.gate is None:
+            return torch.ones(self.num_heads, device=self.proj.weight.device)
+        return self.gate.deterministic()
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: gated attention and an MLP, each with a residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, gates: bool = True, gate_temperature: float = 0.33):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = GatedAttention(dim, num_heads, qkv_bias, gates, gate_temperature)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, num_query_rows: int = 0) -> tuple[Tensor, Tensor | None]:
+        attn_out, rows = self.attn(self.norm1(x), num_query_rows)
+        x = x + self.drop_path(attn_out)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, rows
+
+
+def parse_attn_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
+    """Block indices named by ``"last"``, ``"last<n>"``, ``"all"`` or an explicit index list."""
+    if not isinstance(spec, str):
+        indices = [int(i) % depth for i in spec]
+    elif spec == "all":
+        indices = list(range(depth))
+    elif spec == "last":
+        indices = [depth - 1]
+    elif spec.startswith("last") and spec[4:].isdigit() and 1 <= int(spec[4:]) <= depth:
+        indices = list(range(depth - int(spec[4:]), depth))
+    else:
+        raise ValueError(
+            f"attn_blocks={spec!r} is not understood; expected 'last', 'last<n>' with "
+            f"1 <= n <= {depth}, 'all', or a list of block indices"
+        )
+    return sorted(set(indices))
+
+
+class ClassTokenViT(nn.Module):
+    """ViT with K class tokens, R register tokens, gated heads and class-token masking.
+
+    Args:
+        num_classes: K, one [CLS] token per class.
+        in_chans: input channels (any number, e.g. 13 or 15 for multispectral rasters).
+        img_size: (H, W) the position embeddings are made for; other sizes are resampled.
+        patch_size: patch side in pixels.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path: transformer shape.
+        num_registers: R register tokens (0 allowed).
+        head: ``"joint"`` reads all class-token outputs with one linear layer K*D -> K (the
+            paper's design); ``"per_token"`` reads logit c from token c alone (MCTformer style).
+        stem: ``"conv"`` (convolutional stem) or ``"linear"`` (plain patchify).
+        gates: Hard-Concrete gate on every head.
+        gate_temperature: the gates' Concrete temperature.
+        mask_rate: probability of zeroing an absent class's token output in training.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, img_size: Sequence[int] = (224, 224),
+                 patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+                 num_registers: int = 1, head: str = "joint", stem: str = "linear",
+                 gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5):
+        super().__init__()
+        if head not in ("joint", "per_token"):
+            raise ValueError(f"head={head!r}; expected 'joint' or 'per_token'")
+        if stem not in ("conv", "linear"):
+            raise ValueError(f"stem={stem!r}; expected 'conv' or 'linear'")
+        if not 0.0 <= mask_rate <= 1.0:
+            raise ValueError(f"mask_rate={mask_rate} must lie in [0, 1]")
+        img_size = tuple(int(s) for s in img_size)
+        if len(img_size) != 2 or any(s % patch_size for s in img_size):
+            raise ValueError(f"img_size={img_size} must be (H, W) divisible by patch_size={patch_size}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.num_registers = num_registers
+        self.mask_rate = mask_rate
+        self.head_type = head
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        embed = ConvStemPatchEmbed if stem == "conv" else LinearPatchEmbed
+        self.patch_embed = embed(in_chans, embed_dim, patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
+        self.cls_tokens = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+        self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, gates, gate_temperature)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if head == "joint":
+            self.head = nn.Linear(num_classes * embed_dim, num_classes)
+        else:
+            self.head_weight = nn.Parameter(torch.zeros(num_classes, embed_dim))
+            self.head_bias = nn.Parameter(torch.zeros(num_classes))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for p in (self.pos_embed, self.cls_tokens, self.reg_tokens):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.head_type == "per_token":
+            nn.init.trunc_normal_(self.head_weight, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW should not decay (tokens and position embeddings)."""
+        return {"pos_embed", "cls_tokens", "reg_tokens"}
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images [B, {self.in_chans}, H, W] (model.in_chans={self.in_chans}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by patch_size={self.patch_size}; resize or "
+                f"pad to a multiple, e.g. {math.ceil(h / self.patch_size) * self.patch_size}x"
+                f"{math.ceil(w / self.patch_size) * self.patch_size}"
+            )
+
+    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        if grid == self.grid:
+            return self.pos_embed
+        dim = self.pos_embed.shape[-1]
+        pos = self.pos_embed.reshape(1, *self.grid, dim).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+
+    def token_mask(self, labels: Tensor) -> Tensor:
+        """Random keep-mask [B, K] for the class tokens: absent classes dropped with ``mask_rate``."""
+        drop = (labels <= 0) & (torch.rand_like(labels, dtype=torch.float32) < self.mask_rate)
+        return ~drop
+
+    def forward_features(self, x: Tensor, labels: Tensor | None = None,
+                         attn_blocks: Sequence[int] = ()) -> dict[str, Tensor | list[Tensor]]:
+        """Run the encoder.
+
+        Returns a dict with ``cls`` [B,K,D], ``reg`` [B,R,D], ``patch`` [B,N,D] (final-norm
+        outputs), ``grid`` (h, w), and ``attn``: for each block in ``attn_blocks`` the class-token
+        attention rows over all tokens [B,heads,K,K+N+R]. In training with ``labels``, the ``cls``
+        outputs of randomly chosen absent classes are zeroed.
+        """
+        self._check_input(x)
+        feats = self.patch_embed(x)
+        grid = (feats.shape[-2], feats.shape[-1])
+        patches = feats.flatten(2).transpose(1, 2) + self._pos_embed(grid)
+        batch, k = x.shape[0], self.num_classes
+        tokens = torch.cat([self.cls_tokens.expand(batch, -1, -1), patches,
+                            self.reg_tokens.expand(batch, -1, -1)], dim=1)
+        wanted = set(attn_blocks)
+        attn: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            tokens, rows = block(tokens, k if i in wanted else 0)
+            if rows is not None:
+                attn.append(rows)
+        tokens = self.norm(tokens)
+        cls = tokens[:, :k]
+        if self.training and labels is not None and self.mask_rate > 0:
+            cls = cls * self.token_mask(labels).unsqueeze(-1).to(cls.dtype)
+        n = grid[0] * grid[1]
+        return {"cls": cls, "patch": tokens[:, k:k + n], "reg": tokens[:, k + n:], "grid": grid,
+                "attn": attn}
+
+    def forward_head(self, cls: Tensor) -> Tensor:
+        """Class logits [B,K] from the class-token outputs [B,K,D]."""
+        if self.head_type == "joint":
+            return self.head(cls.flatten(1))
+        return (cls * self.head_weight).sum(-1) + self.head_bias
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.forward_head(self.forward_features(x, labels)["cls"])
+
+    def class_maps(self, attn: Sequence[Tensor], attn_blocks: Sequence[int],
+                   grid: tuple[int, int]) -> Tensor:
+        """Average class-to-patch attention [B,K,h,w] over open heads and the given blocks.
+
+        A head counts as open when its deterministic gate is > 0; a block whose heads are all
+        closed falls back to the mean over all its heads.
+        """
+        k, n = self.num_classes, grid[0] * grid[1]
+        maps = []
+        for rows, index in zip(attn, attn_blocks):
+            patch_rows = rows[..., k:k + n]
+            open_heads = (self.blocks[index].attn.head_weights() > 0).to(patch_rows.dtype)
+            if open_heads.sum() == 0:
+                open_heads = torch.ones_like(open_heads)
+            weights = open_heads / open_heads.sum()
+            maps.append(torch.einsum("bhkn,h->bkn", patch_rows, weights))
+        return torch.stack(maps).mean(0).reshape(-1, k, *grid)
+
+    def predict(self, x: Tensor, attn_blocks: str | Sequence[int] = "last") -> tuple[Tensor, Tensor]:
+        """Logits [B,K] and class attention maps [B,K,h,w] from one forward pass."""
+        blocks = parse_attn_blocks(attn_blocks, len(self.blocks))
+        out = self.forward_features(x, attn_blocks=blocks)
+        return self.forward_head(out["cls"]), self.class_maps(out["attn"], blocks, out["grid"])
+
+    def gate_values(self) -> Tensor:
+        """Deterministic gate values [depth, heads]."""
+        return torch.stack([block.attn.head_weights() for block in self.blocks])
+
+    def l0_penalty(self) -> Tensor:
+        """Sum over all gated heads of P(gate != 0); zero when gates are off."""
+        terms = [b.attn.gate.l0_penalty() for b in self.blocks if b.attn.gate is not None]
+        return torch.stack(terms).sum() if terms else self.cls_tokens.new_zeros(())
