@@ -46,24 +46,22 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle:
 
 def _texture(rng: np.random.Generator, height: int, width: int,
              contrast: float = 1.0) -> np.ndarray:
-    """A random float texture [H,W,3] in [0,1]: flat, stripes, checker or noise, in random colours.
+    """A random float texture [H,W,3] in [0,1]: flat, stripes or checker, in random colours.
 
     ``contrast`` scales the difference between the two colours of the pattern.
     """
     c1, c2 = rng.uniform(0.0, 1.0, size=(2, 3))
     c2 = c1 + contrast * (c2 - c1)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    kind = rng.integers(4)
+    kind = rng.integers(3)
     if kind == 0:
         weight = np.zeros((height, width), np.float32)
     elif kind == 1:
         angle, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
         weight = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0)
-    elif kind == 2:
+    else:
         cell = int(rng.integers(3, 9))
         weight = ((yy // cell + xx // cell) % 2).astype(bool)
-    else:
-        weight = rng.uniform(0, 1, size=(height, width)) > 0.5
     weight = np.asarray(weight, np.float32)[..., None]
     return c1 * (1 - weight) + c2 * weight
 
@@ -76,19 +74,19 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
     """
     height, width = size
     rng = np.random.default_rng([seed, index])
-    image = _texture(rng, height, width, contrast=0.5)
+    image = _texture(rng, height, width, contrast=0.3)
     mask = np.zeros((height, width), np.uint8)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     short = min(height, width)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(len(SHAPE_NAMES)))
-        radius = rng.uniform(0.16, 0.30) * short
+        radius = rng.uniform(0.18, 0.30) * short
         cy = rng.uniform(radius * 0.6, height - radius * 0.6)
         cx = rng.uniform(radius * 0.6, width - radius * 0.6)
         inside = _shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
         if inside.sum() < 0.002 * height * width:
             continue
-        image[inside] = _texture(rng, height, width)[inside]
+        image[inside] = _texture(rng, height, width, contrast=0.5)[inside]
         mask[inside] = cls + 1
     noise = rng.normal(0.0, 0.03, size=image.shape)
     return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8), mask

@@ -1,0 +1,111 @@
+"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), overrides=args.overrides, num_train=args.num_train,
+             num_val=args.num_val)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from .data.synthetic import write_synthetic_voc
+
+    root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
+                               size=(args.size, args.size), seed=args.seed)
+    print(f"wrote {args.num_train} train and {args.num_val} val images to {root}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .engine.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, resume=args.resume)
+    print(f"run directory: {cfg.out_dir}  pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
+
+
+def _pseudo_masks(args: argparse.Namespace) -> None:
+    from .pipeline import write_pseudo_masks
+
+    metrics = write_pseudo_masks(Path(args.run), Path(args.out), split=args.split,
+                                 overrides=args.overrides)
+    if metrics is not None:
+        print(f"pseudo-mask mIoU {metrics['miou']:.3f} (pixel accuracy {metrics['pixel_acc']:.3f})")
+    print(f"pseudo masks written to {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .metrics.report import evaluate_directories, format_iou_table, save_metrics
+
+    names = None
+    if args.classes:
+        names = [n.strip() for n in Path(args.classes).read_text().splitlines() if n.strip()]
+    metrics = evaluate_directories(args.pred, args.gt, class_names=names)
+    print(format_iou_table(metrics))
+    out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
+    save_metrics(out, metrics)
+    print(f"metrics written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnmaps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate synthetic data, train, make and score pseudo masks")
+    demo.add_argument("--out", default="attnmaps_demo", help="output directory")
+    demo.add_argument("--num-train", type=int, default=6000, help="synthetic training images")
+    demo.add_argument("--num-val", type=int, default=300, help="synthetic held-out images")
+    demo.add_argument("overrides", nargs="*", help="config overrides key=value")
+    demo.set_defaults(func=_demo)
+
+    synth = sub.add_parser("synth", help="write the synthetic shapes dataset in the VOC layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--num-train", type=int, default=4000)
+    synth.add_argument("--num-val", type=int, default=200)
+    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    train = sub.add_parser("train", help="train a class-token ViT from image-level labels")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    train.add_argument("overrides", nargs="*", help="config overrides key=value")
+    train.set_defaults(func=_train)
+
+    pseudo = sub.add_parser("pseudo-masks", help="write pseudo masks from a trained run")
+    pseudo.add_argument("--run", required=True, help="run directory written by 'attnmaps train'")
+    pseudo.add_argument("--out", required=True, help="directory for the indexed PNG masks")
+    pseudo.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
+    pseudo.add_argument("overrides", nargs="*",
+                        help="overrides, e.g. pseudo.threshold=0.4 pseudo.use_true_labels=true")
+    pseudo.set_defaults(func=_pseudo_masks)
+
+    evaluate = sub.add_parser("evaluate", help="score predicted masks against ground truth")
+    evaluate.add_argument("--pred", required=True, help="directory of predicted PNG masks")
+    evaluate.add_argument("--gt", required=True, help="directory of ground-truth PNG masks")
+    evaluate.add_argument("--classes", help="classes.txt with one name a line")
+    evaluate.add_argument("--out", help="metrics.json path (default: PRED/metrics.json)")
+    evaluate.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"attnmaps {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""``attnmaps demo``: synthetic data -> training from image labels -> pseudo masks -> scores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .baselines import border_distance_mask
+from .config import load_config
+from .data.registry import build_dataset
+from .data.synthetic import write_synthetic_voc
+from .engine.checkpoint import checkpoint_paths
+from .engine.evaluate import evaluate
+from .engine.train import train
+from .metrics.report import format_iou_table, save_metrics
+from .metrics.segmentation import SegmentationMetric
+from .pipeline import load_run
+from .pseudo_masks import normalize_maps, upsample_maps
+from .viz import save_attention_grid
+
+DEMO_CONFIG = "demo.yaml"
+NUM_TRAIN, NUM_VAL, GRID_ROWS = 6000, 300, 6
+SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("attnmaps") / "configs" / DEMO_CONFIG))
+
+
+def floor_miou(dataset) -> float:
+    """mIoU of the no-learning floor (:mod:`attnmaps.baselines`) on ``dataset``."""
+    metric = SegmentationMetric(dataset.num_classes + 1)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        classes = np.flatnonzero(sample["labels"].numpy() > 0.5)
+        pred = border_distance_mask(dataset.raw_image(i), classes)
+        metric.update(torch.from_numpy(pred), sample["mask"])
+    return metric.compute()["miou"]
+
+
+def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAIN,
+             num_val: int = NUM_VAL) -> dict:
+    """Run the whole demo into ``out``; returns the metrics written to ``out/metrics.json``."""
+    started = time.time()
+    data_root = out / "data"
+    if not (data_root / "ImageSets").exists():
+        print(f"writing synthetic shapes to {data_root} ...")
+        write_synthetic_voc(data_root, num_train=num_train, num_val=num_val)
+    cfg = load_config(demo_config_path(),
+                      [f"data.root={data_root}", f"out_dir={out / 'run'}", *overrides])
+    weights, _ = checkpoint_paths(cfg.out_dir)
+    train(cfg, resume=weights.exists())
+    train_seconds = time.time() - started
+    cfg, model = load_run(Path(cfg.out_dir), overrides)
+    val = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    device = next(model.parameters()).device
+    shown: dict[str, list] = {"maps": [], "probs": [], "pseudo": []}
+
+    def keep(batch: dict, probs: torch.Tensor, maps: torch.Tensor, pred: torch.Tensor) -> None:
+        room = GRID_ROWS - len(shown["pseudo"])
+        if room > 0:
+            full = normalize_maps(upsample_maps(maps[:room], tuple(pred.shape[-2:])))
+            shown["maps"] += list(full.cpu().numpy())
+            shown["probs"] += list(probs[:room].cpu().numpy())
+            shown["pseudo"] += list(pred[:room].cpu().numpy())
+
+    metrics = evaluate(model, val, cfg.pseudo, cfg.model.attn_blocks, device,
+                       batch_size=cfg.train.batch_size, sweep=SWEEP, on_batch=keep)
+    metrics["floor_miou"] = floor_miou(val)
+    metrics["class_names"] = val.class_names
+    metrics["train_seconds"] = train_seconds
+    metrics["total_seconds"] = time.time() - started
+    picture = save_attention_grid(
+        out / "attention_grid.png", [val.raw_image(i) for i in range(len(shown['pseudo']))],
+        [val[i]["mask"].numpy() for i in range(len(shown['pseudo']))], shown["pseudo"], shown["maps"],
+        val.class_names, probs=shown["probs"])
+    save_metrics(out / "metrics.json", metrics)
+    print(format_iou_table(metrics))
+    print(f"pseudo-mask mIoU from predicted labels: {metrics['miou']:.3f}\n"
+          f"  from true image labels:               {metrics['miou_true_labels']:.3f}\n"
+          f"  on images with >= 2 classes:          {metrics['miou_multi_class']:.3f}\n"
+          f"  no-learning floor (border colour):    {metrics['floor_miou']:.3f}\n"
+          f"classifier mAP {metrics['map']:.3f}, class-map correlation "
+          f"{metrics['class_map_correlation']:.2f}, heads closed {metrics['head_sparsity']:.0f}%\n"
+          f"picture: {picture}\nmetrics: {out / 'metrics.json'}  "
+          f"({metrics['total_seconds'] / 60:.1f} min)")
+    return metrics
