@@ -61,8 +61,8 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         probs = logits.float().sigmoid()
         maps = maps.float()
         size = tuple(images.shape[-2:])
-        kwargs = dict(threshold=settings.threshold, has_background=has_background,
-                      prob_threshold=settings.prob_threshold)
+        kwargs = {"threshold": settings.threshold, "has_background": has_background,
+                      "prob_threshold": settings.prob_threshold}
         pred = make_pseudo_masks(maps, probs, size, **kwargs)
         true = make_pseudo_masks(maps, probs, size, labels=labels, **kwargs)
         for t, metric in swept.items():

@@ -44,7 +44,7 @@ class ConvStemPatchEmbed(nn.Module):
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
         super().__init__()
-        steps = int(round(math.log2(patch_size)))
+        steps = round(math.log2(patch_size))
         if 2**steps != patch_size:
             raise ValueError(
                 f"model.stem='conv' needs a power-of-two patch size, got patch_size={patch_size}; "
@@ -140,7 +140,12 @@ class Block(nn.Module):
 def parse_attn_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
     """Block indices named by ``"last"``, ``"last<n>"``, ``"all"`` or an explicit index list."""
     if not isinstance(spec, str):
-        indices = [int(i) % depth for i in spec]
+        indices = [int(i) for i in spec]
+        bad = [i for i in indices if not -depth <= i < depth]
+        if not indices or bad:
+            raise ValueError(f"attn_blocks={list(spec)} must be a non-empty list of block indices "
+                             f"in {-depth}..{depth - 1}")
+        indices = [i % depth for i in indices]
     elif spec == "all":
         indices = list(range(depth))
     elif spec == "last":
@@ -261,17 +266,17 @@ class ClassTokenViT(nn.Module):
 
         Returns a dict with ``cls`` [B,K,D], ``reg`` [B,R,D], ``patch`` [B,N,D] (final-norm
         outputs), ``grid`` (h, w), and ``attn``: for each block in ``attn_blocks`` the class-token
-        attention rows over all tokens [B,heads,K,K+N+R]. In training with ``labels``, the ``cls``
+        attention rows over all tokens [B,heads,K,K+N+R], in block order. In training with ``labels``, the ``cls``
         outputs of randomly chosen absent classes are zeroed.
         """
         self._check_input(x)
+        wanted = set(parse_attn_blocks(attn_blocks, len(self.blocks))) if attn_blocks else set()
         feats = self.patch_embed(x)
         grid = (feats.shape[-2], feats.shape[-1])
         patches = feats.flatten(2).transpose(1, 2) + self._pos_embed(grid)
         batch, k = x.shape[0], self.num_classes
         tokens = torch.cat([self.cls_tokens.expand(batch, -1, -1), patches,
                             self.reg_tokens.expand(batch, -1, -1)], dim=1)
-        wanted = set(attn_blocks)
         attn: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             tokens, rows = block(tokens, k if i in wanted else 0)
@@ -303,7 +308,7 @@ class ClassTokenViT(nn.Module):
         """
         k, n = self.num_classes, grid[0] * grid[1]
         maps = []
-        for rows, index in zip(attn, attn_blocks):
+        for rows, index in zip(attn, parse_attn_blocks(attn_blocks, len(self.blocks))):
             patch_rows = rows[..., k:k + n]
             open_heads = (self.blocks[index].attn.head_weights() > 0).to(patch_rows.dtype)
             if open_heads.sum() == 0:
