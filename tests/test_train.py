@@ -96,7 +96,8 @@ def test_cli_pipeline_end_to_end(data_root: Path, tmp_path: Path,
 
 def test_demo_writes_metrics_and_picture(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--num-train", "16", "--num-val", "8", *TINY,
+    assert main(["demo", "--out", str(out), "--num-train", "16", "--num-val", "8",
+                 "--from-scratch", *TINY,
                  "train.epochs=1", "model.img_size=64,64"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("miou", "miou_true_labels", "miou_multi_class", "class_map_correlation",

@@ -12,7 +12,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out), overrides=args.overrides, num_train=args.num_train,
-             num_val=args.num_val)
+             num_val=args.num_val, from_scratch=args.from_scratch)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="attnmaps_demo", help="output directory")
     demo.add_argument("--num-train", type=int, default=6000, help="synthetic training images")
     demo.add_argument("--num-val", type=int, default=300, help="synthetic held-out images")
+    demo.add_argument("--from-scratch", action="store_true",
+                      help="train from random weights instead of the shipped checkpoint")
     demo.add_argument("overrides", nargs="*", help="config overrides key=value")
     demo.set_defaults(func=_demo)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .image_io import write_image, write_mask
 
-SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
+SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPE_NAMES)
 
 
@@ -38,9 +38,6 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle:
         return np.all([u * ex + v * ey <= 0.5 for ex, ey in edges], axis=0)
     if kind == "cross":
         return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
-    if kind == "ring":
-        r2 = u**2 + v**2
-        return (r2 <= 1.0) & (r2 >= 0.45**2)
     raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_NAMES}")
 
 
@@ -86,7 +83,7 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
         inside = _shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
         if inside.sum() < 0.002 * height * width:
             continue
-        image[inside] = _texture(rng, height, width, contrast=0.5)[inside]
+        image[inside] = _texture(rng, height, width, contrast=0.35)[inside]
         mask[inside] = cls + 1
     noise = rng.normal(0.0, 0.03, size=image.shape)
     return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8), mask

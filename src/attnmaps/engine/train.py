@@ -134,7 +134,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
             optimizer.step()
             scheduler.step()
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            refresh=False)
             if step % cfg.train.log_every == 0:
                 append_log(log_path, {"epoch": epoch, "step": step, "loss": loss.item(),
                                       "bce": bce.item(), "l0": l0.item(),

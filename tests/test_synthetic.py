@@ -1,0 +1,68 @@
+"""The synthetic shapes set: deterministic, exact masks, class not given away by colour."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnmaps.data.synthetic import CLASS_NAMES, SHAPE_NAMES, render_sample, write_synthetic_voc
+from attnmaps.data.voc import VOCDataset
+
+
+def test_same_seed_same_image_other_seed_other_image() -> None:
+    a_image, a_mask = render_sample(seed=4, index=7)
+    b_image, b_mask = render_sample(seed=4, index=7)
+    c_image, _ = render_sample(seed=5, index=7)
+    assert np.array_equal(a_image, b_image) and np.array_equal(a_mask, b_mask)
+    assert not np.array_equal(a_image, c_image)
+
+
+def test_masks_hold_one_to_three_known_shapes_on_background() -> None:
+    counts = []
+    for index in range(200):
+        image, mask = render_sample(seed=0, index=index, size=(48, 64))
+        assert image.shape == (48, 64, 3) and mask.shape == (48, 64)
+        values = set(np.unique(mask).tolist())
+        assert values <= set(range(len(CLASS_NAMES))) and 0 in values
+        counts.append(len(values) - 1)
+    assert min(counts) >= 1 and max(counts) <= 3
+    assert {1, 2, 3} <= set(counts)
+
+
+def test_shape_geometry_matches_its_name() -> None:
+    # A filled disc covers ~pi/4 of its bounding box, a square (at any rotation) ~1/2 to 1.
+    from attnmaps.data.synthetic import _shape_mask
+
+    yy, xx = np.mgrid[-40:40, -40:40].astype(np.float32) + 0.5
+    circle = _shape_mask("circle", yy, xx, radius=30.0, angle=0.3)
+    assert abs(circle.sum() - np.pi * 30**2) / (np.pi * 30**2) < 0.01
+    square = _shape_mask("square", yy, xx, radius=30.0, angle=0.0)
+    assert square.sum() == (2 * 24) ** 2
+    triangle = _shape_mask("triangle", yy, xx, radius=30.0, angle=0.0)
+    assert abs(triangle.sum() - 3 * np.sqrt(3) / 4 * 30**2) / (3 * np.sqrt(3) / 4 * 30**2) < 0.02
+
+
+def test_colour_does_not_give_the_class_away() -> None:
+    means = {c: [] for c in range(1, len(SHAPE_NAMES) + 1)}
+    for index in range(300):
+        image, mask = render_sample(seed=1, index=index)
+        for c in means:
+            if (mask == c).sum() > 20:
+                means[c].append(image[mask == c].mean(0))
+    centres = np.array([np.mean(v, 0) for v in means.values()])
+    spread = np.mean([np.std(v, 0).mean() for v in means.values()])
+    # Class mean colours differ far less than colours vary within a class.
+    assert np.abs(centres - centres.mean(0)).max() < 0.25 * spread * 3
+
+
+def test_written_voc_layout_reads_back(tmp_path) -> None:
+    root = write_synthetic_voc(tmp_path / "s", num_train=5, num_val=3, size=(32, 32), seed=2)
+    train = VOCDataset(root, "train")
+    val = VOCDataset(root, "val")
+    assert len(train) == 5 and len(val) == 3
+    assert train.class_names == list(CLASS_NAMES)
+    sample = val[0]
+    _, mask = render_sample(2, 5, (32, 32))
+    assert np.array_equal(sample["mask"].numpy(), mask)
+    expected = np.zeros(len(SHAPE_NAMES), np.float32)
+    expected[np.unique(mask[mask > 0]) - 1] = 1
+    assert np.array_equal(sample["labels"].numpy(), expected)
