@@ -45,9 +45,9 @@ def test_colour_does_not_give_the_class_away() -> None:
     means = {c: [] for c in range(1, len(SHAPE_NAMES) + 1)}
     for index in range(300):
         image, mask = render_sample(seed=1, index=index)
-        for c in means:
+        for c, colours in means.items():
             if (mask == c).sum() > 20:
-                means[c].append(image[mask == c].mean(0))
+                colours.append(image[mask == c].mean(0))
     centres = np.array([np.mean(v, 0) for v in means.values()])
     spread = np.mean([np.std(v, 0).mean() for v in means.values()])
     # Class mean colours differ far less than colours vary within a class.

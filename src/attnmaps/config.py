@@ -9,16 +9,16 @@ Example::
 import copy
 import dataclasses
 import difflib
-import os
 import re
 import types
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .atomic import atomic_write
 
 # Field metadata checked by ``_coerce``: "choices" (allowed strings), "pattern" ((regex matching
 # the whole value, description)) and "length" (number of list items).
@@ -158,41 +158,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write({path: lambda tmp: tmp.write_text(text)})
-
-
-def atomic_write(writers: Mapping[Path, Callable[[Path], object]]) -> None:
-    """Write several files so that each is either fully replaced or left as it was.
-
-    Each writer fills a temporary sibling of its target; once all are written and fsynced they
-    are moved into place with ``os.replace`` in the given order. On any error the temporary
-    files are removed and the targets keep their previous content.
-    """
-    temps: dict[Path, Path] = {}
-    try:
-        for target, write in writers.items():
-            temps[target] = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            write(temps[target])
-            with open(temps[target], "rb") as f:
-                os.fsync(f.fileno())
-        for target in list(temps):
-            os.replace(temps[target], target)
-            del temps[target]
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-    for directory in {target.parent for target in writers}:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist renames inside ``directory`` (POSIX only; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lookup(section: Any, key: str, prefix: str) -> tuple[dataclasses.Field, Any]:

@@ -9,12 +9,12 @@ Masks are uint8 arrays of label indices (255 = ignore) stored as palette PNGs:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..atomic import atomic_write
 
 
 def _voc_palette() -> np.ndarray:
@@ -78,18 +78,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     return indices.astype(np.uint8)
 
 
-def _save_atomic(path: str | Path, image: Image.Image, **kwargs: object) -> None:
-    """Save via a temporary file in the target directory, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=kwargs.pop("format"), **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_atomic(path: str | Path, image: Image.Image, **options: object) -> None:
+    """Save ``image`` atomically (temporary sibling, then ``os.replace``)."""
+    atomic_write({Path(path): lambda tmp: image.save(tmp, **options)}, durable=False)
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:

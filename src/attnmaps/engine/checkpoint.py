@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from attnmaps.config import atomic_write
+from ..atomic import atomic_write
 
 _ID_KEY = "checkpoint_id"
 

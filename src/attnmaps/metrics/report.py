@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from attnmaps.atomic import atomic_write
 from attnmaps.data.image_io import read_mask
 from attnmaps.metrics.segmentation import confusion_matrix, metrics_from_confusion
 
@@ -133,14 +132,5 @@ def evaluate_directories(
 
 def save_metrics(path: str | Path, metrics: Mapping) -> None:
     """Write `metrics` as indented JSON via a temporary file and os.replace; NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False) + "\n"
+    atomic_write({Path(path): lambda tmp: tmp.write_text(text, encoding="utf-8")})

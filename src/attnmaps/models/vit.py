@@ -37,7 +37,8 @@ class LinearPatchEmbed(nn.Module):
 
 
 class ConvStemPatchEmbed(nn.Module):
-    """log2(patch_size) stride-2 3x3 convolutions (BN + GELU), then a 1x1 projection.
+    """log2(patch_size) stages of a stride-2 and a stride-1 3x3 convolution (BN + GELU each),
+    then a 1x1 projection.
 
     Early convolutions make small ViTs trained from scratch learn much faster (Xiao et al., 2021).
     """
@@ -53,9 +54,10 @@ class ConvStemPatchEmbed(nn.Module):
         layers: list[nn.Module] = []
         channels = in_chans
         for i in range(steps):
-            out = max(embed_dim // 2 ** (steps - 1 - i), 16)
+            out = max(embed_dim // 2 ** (steps - 1 - i), 32)
             layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(out), nn.GELU()]
+                       nn.BatchNorm2d(out), nn.GELU(),
+                       nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
             channels = out
         layers.append(nn.Conv2d(channels, embed_dim, 1))
         self.proj = nn.Sequential(*layers)
