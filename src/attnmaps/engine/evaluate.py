@@ -41,8 +41,8 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     metrics from predicted labels (``miou``, ``pixel_acc``, ``per_class_iou``), from the true image
     labels (``miou_true_labels``), on images with two or more classes (``miou_multi_class``),
     the mean class-map correlation and the head sparsity (% of heads closed).
-    ``sweep`` lists extra binarisation thresholds, scored from predicted labels into
-    ``miou_by_threshold``.
+    ``sweep`` lists extra binarisation thresholds, scored into ``miou_by_threshold`` (from the
+    true labels when ``settings.use_true_labels`` is set, else from predicted ones).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its masks
     come from the true labels when ``settings.use_true_labels`` is set, else from predictions.
     """
@@ -66,7 +66,9 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         pred = make_pseudo_masks(maps, probs, size, **kwargs)
         true = make_pseudo_masks(maps, probs, size, labels=labels, **kwargs)
         for t, metric in swept.items():
-            metric.update(make_pseudo_masks(maps, probs, size, **{**kwargs, "threshold": t}), masks)
+            swept_labels = labels if settings.use_true_labels else None
+            metric.update(make_pseudo_masks(maps, probs, size, labels=swept_labels,
+                                            **{**kwargs, "threshold": t}), masks)
         classifier.update(probs.cpu(), labels.cpu())
         seg_pred.update(pred, masks)
         seg_true.update(true, masks)
