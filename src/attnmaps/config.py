@@ -83,6 +83,7 @@ class PseudoMaskConfig:
     threshold: float = 0.3
     prob_threshold: float = 0.5
     use_true_labels: bool = False
+    refine_iterations: int = 0
 
 
 @dataclass

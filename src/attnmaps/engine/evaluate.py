@@ -12,7 +12,8 @@ from ..config import PseudoMaskConfig
 from ..metrics.classification import MultiLabelMetric, head_sparsity
 from ..metrics.segmentation import SegmentationMetric
 from ..models.vit import ClassTokenViT, parse_attn_blocks
-from ..pseudo_masks import make_pseudo_masks
+from ..pseudo_masks import make_pseudo_masks, upsample_maps
+from ..refine import pamr
 
 BatchCallback = Callable[[dict, Tensor, Tensor, Tensor], None]
 
@@ -40,7 +41,8 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     Returns classifier metrics (``map``, ``exact_match``, ``label_accuracy``, ``f1``), pseudo-mask
     metrics from predicted labels (``miou``, ``pixel_acc``, ``per_class_iou``), from the true image
     labels (``miou_true_labels``), on images with two or more classes (``miou_multi_class``),
-    the mean class-map correlation and the head sparsity (% of heads closed).
+    the mean class-map correlation and the head sparsity (% of heads closed). With
+    ``settings.refine_iterations`` the upsampled maps are refined by :func:`pamr` first.
     ``sweep`` lists extra binarisation thresholds, scored into ``miou_by_threshold`` (from the
     true labels when ``settings.use_true_labels`` is set, else from predicted ones).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its masks
@@ -61,13 +63,16 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         probs = logits.float().sigmoid()
         maps = maps.float()
         size = tuple(images.shape[-2:])
+        full = upsample_maps(maps, size)
+        if settings.refine_iterations:
+            full = pamr(images, full, settings.refine_iterations)
         kwargs = {"threshold": settings.threshold, "has_background": has_background,
-                      "prob_threshold": settings.prob_threshold}
-        pred = make_pseudo_masks(maps, probs, size, **kwargs)
-        true = make_pseudo_masks(maps, probs, size, labels=labels, **kwargs)
+                  "prob_threshold": settings.prob_threshold}
+        pred = make_pseudo_masks(full, probs, size, **kwargs)
+        true = make_pseudo_masks(full, probs, size, labels=labels, **kwargs)
         for t, metric in swept.items():
             swept_labels = labels if settings.use_true_labels else None
-            metric.update(make_pseudo_masks(maps, probs, size, labels=swept_labels,
+            metric.update(make_pseudo_masks(full, probs, size, labels=swept_labels,
                                             **{**kwargs, "threshold": t}), masks)
         classifier.update(probs.cpu(), labels.cpu())
         seg_pred.update(pred, masks)
