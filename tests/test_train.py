@@ -127,3 +127,16 @@ def test_input_not_divisible_by_patch_is_reported(data_root: Path, tmp_path: Pat
             "data.image_size=30,30", "model.img_size=32,32"]
     assert main(args) == 2
     assert "not divisible by patch_size=8" in capsys.readouterr().err
+
+
+def test_shipped_checkpoint_fits_the_demo_model() -> None:
+    from attnmaps.demo import demo_config_path, shipped_checkpoint_path
+    from attnmaps.engine.checkpoint import load_weights
+    from attnmaps.engine.train import build_model
+
+    cfg = load_config(demo_config_path())
+    model = build_model(cfg.model, num_classes=4).eval()
+    load_weights(shipped_checkpoint_path(), model)
+    logits, maps = model.predict(torch.zeros(2, 3, 64, 64), cfg.model.attn_blocks)
+    assert logits.shape == (2, 4) and maps.shape == (2, 4, 8, 8)
+    assert torch.isfinite(logits).all()
