@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def append_log(path: Path, record: dict) -> None:
 def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None) -> dict:
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
 
-    ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written.
+    ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written. Epochs before
+    the last are scored without PAMR refinement, which is slow and only changes the masks.
     """
     run_dir = Path(cfg.out_dir)
     weights_path, _ = checkpoint_paths(run_dir)
@@ -140,9 +142,12 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
                 append_log(log_path, {"epoch": epoch, "step": step, "loss": loss.item(),
                                       "bce": bce.item(), "l0": l0.item(),
                                       "lr": scheduler.get_last_lr()[0]})
-        metrics = evaluate(model, val_set, cfg.pseudo, cfg.model.attn_blocks, device,
+        images_per_second = steps_per_epoch * batch_size / (time.time() - started)
+        last = epoch == cfg.train.epochs - 1
+        settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0)
+        metrics = evaluate(model, val_set, settings, cfg.model.attn_blocks, device,
                            batch_size=batch_size, has_background=val_set.has_background)
-        metrics["images_per_second"] = steps_per_epoch * batch_size / (time.time() - started)
+        metrics["images_per_second"] = images_per_second
         append_log(log_path, {"epoch": epoch, "step": step, "eval": metrics})
         save_checkpoint(run_dir, model, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
