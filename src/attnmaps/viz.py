@@ -30,7 +30,7 @@ def save_attention_grid(path: str | Path, images: Sequence[np.ndarray],
     """
     rows, k = len(images), maps[0].shape[0]
     cols = 3 + k
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for r in range(rows):
         panels = [(images[r], "image"), (colorize(gt_masks[r]), "ground truth"),
                   (colorize(pseudo_masks[r]), "pseudo mask")]
