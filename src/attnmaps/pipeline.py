@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
@@ -26,7 +27,8 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, Clas
     weights, _ = checkpoint_paths(run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found; the run has not finished an epoch yet")
-    num_classes = build_dataset(cfg.data, cfg.data.val_split, train=False).num_classes
+    with safe_open(str(weights), framework="pt") as f:
+        num_classes = f.get_slice("cls_tokens").get_shape()[1]
     model = build_model(cfg.model, num_classes)
     load_weights(weights, model)
     return cfg, model.to(resolve_device(cfg.train.device)).eval()
