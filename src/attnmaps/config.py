@@ -42,6 +42,8 @@ class ModelConfig:
     gates: bool = True
     gate_temperature: float = 0.33
     mask_rate: float = 0.5
+    class_blocks: int = 0
+    grad_checkpointing: bool = False
     attn_blocks: str = field(
         default="last",
         metadata={"pattern": (r"all|last([1-9][0-9]*)?", "'last', 'last<n>' (n >= 1) or 'all'")},
@@ -76,6 +78,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 20
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    compile: bool = False
+    mask_fraction: float = 0.0
+    guide_weight: float = 1.0
+    guide_form: str = field(default="contrast", metadata={"choices": ("contrast", "energy")})
 
 
 @dataclass
@@ -274,3 +281,9 @@ def _validate(cfg: Config) -> None:
                 f"Config key 'data.{name}' has {len(values)} values {values}, expected one per "
                 f"input channel (model.in_chans={channels})"
             )
+    if not 0.0 <= cfg.train.mask_fraction <= 1.0:
+        raise ValueError(f"Config key 'train.mask_fraction' is {cfg.train.mask_fraction}; expected "
+                         "a fraction of the training images in [0, 1]")
+    if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
+        raise ValueError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
+                         f"(class tokens in every block) up to model.depth={cfg.model.depth}")
