@@ -1,5 +1,9 @@
 """Training loop for ClassTokenViT from image-level labels: BCE + lambda * L0(gates).
 
+With ``train.mask_fraction > 0`` that fraction of the training images keeps its masks and adds
+the CAMAL alignment loss on their class-token attention (mixed supervision, see
+:class:`~attnmaps.engine.objective.WSSSObjective`).
+
 A run directory holds ``config.yaml`` (the resolved config), ``log.jsonl`` (one JSON record per
 logged step and per epoch evaluation) and the checkpoint pair ``last.safetensors`` /
 ``last.state.pt`` written atomically after every epoch; ``resume=True`` continues from it.
@@ -17,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, ModelConfig, config_to_dict, save_config
+from ..data.mask_budget import MaskBudget
 from ..data.registry import build_dataset
 from ..metrics.report import to_jsonable
-from ..models.vit import ClassTokenViT
+from ..models.vit import ClassTokenViT, parse_attn_blocks
 from .checkpoint import (
     capture_rng_state,
     checkpoint_paths,
@@ -34,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import evaluate
+from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
 
 EpochCallback = Callable[[int, dict], None]
@@ -88,6 +93,12 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     device = resolve_device(cfg.train.device)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    if cfg.train.mask_fraction > 0:
+        # A seed apart from the epoch orders' (seed * 100003 + epoch), or the images with masks
+        # would be exactly the first batches of epoch 0.
+        train_set = MaskBudget(train_set, cfg.train.mask_fraction, seed=cfg.train.seed + 7_777_777)
+    objective = WSSSObjective(cfg.train, parse_attn_blocks(cfg.model.attn_blocks, cfg.model.depth),
+                              train_set.has_background)
     model = build_model(cfg.model, train_set.num_classes)
     if cfg.model.init_from and not resume:
         load_weights(cfg.model.init_from, model)
@@ -120,11 +131,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
                    dynamic_ncols=True, mininterval=2.0)
         started = time.time()
         for batch in bar:
-            images, labels = batch["image"].to(device), batch["labels"].to(device)
-            logits = model(images, labels)
-            bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
-            l0 = model.l0_penalty()
-            loss = bce + cfg.train.gate_lambda * l0
+            parts = objective(model, batch, device)
+            loss = parts["loss"]
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
@@ -139,8 +147,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             refresh=False)
             if step % cfg.train.log_every == 0:
-                append_log(log_path, {"epoch": epoch, "step": step, "loss": loss.item(),
-                                      "bce": bce.item(), "l0": l0.item(),
+                append_log(log_path, {"epoch": epoch, "step": step,
+                                      **{name: value.item() for name, value in parts.items()},
                                       "lr": scheduler.get_last_lr()[0]})
         images_per_second = steps_per_epoch * batch_size / (time.time() - started)
         last = epoch == cfg.train.epochs - 1
