@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.vit import ClassTokenViT, parse_attn_blocks
+from .models.vit import ClassTokenViT
 
 
 def cam(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -69,7 +69,7 @@ def class_token_maps(model: ClassTokenViT, images: Tensor,
 
     Works in train or eval mode; in training, ``labels`` [B, K] enables class-token masking.
     """
-    blocks = parse_attn_blocks(attn_blocks, len(model.blocks))
+    blocks = model.resolve_attn_blocks(attn_blocks)
     out = model.forward_features(images, labels, attn_blocks=blocks)
     return model.forward_head(out["cls"]), model.class_maps(out["attn"], blocks, out["grid"])
 

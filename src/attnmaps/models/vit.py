@@ -5,6 +5,11 @@ Hard-Concrete gate; during training the output embeddings of absent classes' tok
 zeroed (class-token masking), which ties token ``c`` to class ``c``. The attention of token ``c``
 over the patches is the class-``c`` map used for pseudo masks.
 
+By default the class tokens join every block. With ``class_blocks=n`` (class-attention mode, as in
+CaiT, Touvron et al. 2021) the first ``depth - n`` blocks see only ``[patches | REG]`` and the
+last ``n`` blocks update only the class tokens, which attend to ``[CLS | patches | REG]``; their
+cost is linear in K, which suits datasets with many classes.
+
 Example:
     >>> model = ClassTokenViT(num_classes=5, img_size=(32, 48), patch_size=8, embed_dim=32,
     ...                       depth=2, num_heads=2).eval()
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .gates import HardConcreteGate
 
@@ -57,7 +63,8 @@ class ConvStemPatchEmbed(nn.Module):
             out = max(embed_dim // 2 ** (steps - 1 - i), 32)
             layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                        nn.BatchNorm2d(out), nn.GELU(),
-                       nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+                       nn.Conv2d(out, out, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.GELU()]
             channels = out
         layers.append(nn.Conv2d(channels, embed_dim, 1))
         self.proj = nn.Sequential(*layers)
@@ -81,10 +88,13 @@ class DropPath(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    """Multi-head self-attention, ``concat_i(g_i * head_i) W^O``, on the fused SDPA kernel.
+    """Multi-head attention, ``concat_i(g_i * head_i) W^O``, on the fused SDPA kernel.
 
-    ``forward(x, num_query_rows=K)`` also returns the softmax attention of the first ``K`` tokens
-    (the class tokens) over all tokens, [B, heads, K, N], computed from those rows alone.
+    ``forward(x)`` is self-attention over all tokens. ``forward(x, num_queries=q)`` is class
+    attention (CaiT): only the first ``q`` tokens are queries, keys and values come from all
+    tokens, and the output holds the ``q`` query tokens only. ``num_query_rows=K`` also returns
+    the softmax attention of the first ``K`` queries (the class tokens) over all tokens,
+    [B, heads, K, N], computed from those rows alone.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, gates: bool = True,
@@ -98,14 +108,31 @@ class GatedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.gate = HardConcreteGate(num_heads, gate_temperature) if gates else None
 
-    def forward(self, x: Tensor, num_query_rows: int = 0) -> tuple[Tensor, Tensor | None]:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    def _split_heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
+        """[B, L, parts * D] -> ``parts`` tensors [B, heads, L, head_dim]."""
+        batch, tokens, _ = x.shape
+        x = x.reshape(batch, tokens, parts, self.num_heads, self.head_dim)
+        return x.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _project(self, x: Tensor, rows: slice, parts: int) -> tuple[Tensor, ...]:
+        """Heads of the rows ``rows`` of the fused qkv projection applied to ``x``."""
+        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+        return self._split_heads(F.linear(x, self.qkv.weight[rows], bias), parts)
+
+    def forward(self, x: Tensor, num_query_rows: int = 0,
+                num_queries: int | None = None) -> tuple[Tensor, Tensor | None]:
+        dim = x.shape[-1]
+        if num_queries is None:
+            q, k, v = self._split_heads(self.qkv(x), 3)
+        else:
+            (q,) = self._project(x[:, :num_queries], slice(0, dim), 1)
+            k, v = self._project(x, slice(dim, 3 * dim), 2)
+        if num_query_rows > q.shape[2]:
+            raise ValueError(f"num_query_rows={num_query_rows} exceeds the {q.shape[2]} queries")
         out = F.scaled_dot_product_attention(q, k, v)
         if self.gate is not None:
             out = out * self.gate().to(out.dtype).view(1, -1, 1, 1)
-        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        out = self.proj(out.transpose(1, 2).flatten(2))
         rows = None
         if num_query_rows:
             scores = q[:, :, :num_query_rows] @ k.transpose(-2, -1) * self.head_dim**-0.5
@@ -120,7 +147,12 @@ class GatedAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: gated attention and an MLP, each with a residual."""
+    """Pre-norm transformer block: gated attention and an MLP, each with a residual.
+
+    ``forward(x)`` updates every token (self-attention). ``forward(x, num_queries=q)`` is a CaiT
+    class-attention block: the first ``q`` tokens attend to all of ``x`` and only they are
+    updated and returned, [B, q, D]; the MLP runs on those ``q`` tokens only.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, gates: bool = True, gate_temperature: float = 0.33):
@@ -132,34 +164,60 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, num_query_rows: int = 0) -> tuple[Tensor, Tensor | None]:
-        attn_out, rows = self.attn(self.norm1(x), num_query_rows)
-        x = x + self.drop_path(attn_out)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, rows
+    def forward(self, x: Tensor, num_query_rows: int = 0,
+                num_queries: int | None = None) -> tuple[Tensor, Tensor | None]:
+        attn_out, rows = self.attn(self.norm1(x), num_query_rows, num_queries)
+        queries = x if num_queries is None else x[:, :num_queries]
+        queries = queries + self.drop_path(attn_out)
+        queries = queries + self.drop_path(self.mlp(self.norm2(queries)))
+        return queries, rows
 
 
-def parse_attn_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
-    """Block indices named by ``"last"``, ``"last<n>"``, ``"all"`` or an explicit index list."""
+def parse_attn_blocks(spec: str | Sequence[int], depth: int, class_blocks: int = 0) -> list[int]:
+    """Block indices named by ``"last"``, ``"last<n>"``, ``"all"`` or an explicit index list.
+
+    With ``class_blocks=m > 0`` (class-attention mode) only the last ``m`` blocks see the class
+    tokens, so a spec may name only those: ``"all"`` means the ``m`` class-attention blocks,
+    ``"last<n>"`` needs ``n <= m`` and explicit indices must lie in ``depth-m .. depth-1``
+    (negative ones count from the end, ``-m .. -1``).
+    """
+    if not 0 <= class_blocks <= depth:
+        raise ValueError(f"class_blocks={class_blocks} must lie in 0..depth={depth}")
+    count = class_blocks or depth
+    first = depth - count
+    mode = (f" (with class_blocks={class_blocks} only the last {count} of the {depth} blocks "
+            "see the class tokens)" if class_blocks else "")
     if not isinstance(spec, str):
         indices = [int(i) for i in spec]
-        bad = [i for i in indices if not -depth <= i < depth]
+        bad = [i for i in indices if not -count <= i < depth or 0 <= i < first]
         if not indices or bad:
             raise ValueError(f"attn_blocks={list(spec)} must be a non-empty list of block indices "
-                             f"in {-depth}..{depth - 1}")
+                             f"in {first}..{depth - 1} or {-count}..-1{mode}")
         indices = [i % depth for i in indices]
     elif spec == "all":
-        indices = list(range(depth))
+        indices = list(range(first, depth))
     elif spec == "last":
         indices = [depth - 1]
-    elif spec.startswith("last") and spec[4:].isdigit() and 1 <= int(spec[4:]) <= depth:
+    elif spec.startswith("last") and spec[4:].isdigit() and 1 <= int(spec[4:]) <= count:
         indices = list(range(depth - int(spec[4:]), depth))
     else:
         raise ValueError(
             f"attn_blocks={spec!r} is not understood; expected 'last', 'last<n>' with "
-            f"1 <= n <= {depth}, 'all', or a list of block indices"
+            f"1 <= n <= {count}, 'all', or a list of block indices{mode}"
         )
     return sorted(set(indices))
+
+
+def resample_pos_embed(pos: Tensor, src_grid: tuple[int, int],
+                       dst_grid: tuple[int, int]) -> Tensor:
+    """Patch position embeddings [1, h*w, D] resampled bicubically (``align_corners=False``)
+    from ``src_grid`` to ``dst_grid``; returned unchanged when the grids agree."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    dim = pos.shape[-1]
+    grid = pos.reshape(1, *src_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], dim)
 
 
 class ClassTokenViT(nn.Module):
@@ -173,18 +231,28 @@ class ClassTokenViT(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path: transformer shape.
         num_registers: R register tokens (0 allowed).
         head: ``"joint"`` reads all class-token outputs with one linear layer K*D -> K (the
-            paper's design); ``"per_token"`` reads logit c from token c alone (MCTformer style).
+            paper's design; K*D*K weights, quadratic in K); ``"per_token"`` reads logit c from
+            token c alone (MCTformer style; K*(D+1) weights). Use ``per_token`` with many
+            classes.
         stem: ``"conv"`` (convolutional stem) or ``"linear"`` (plain patchify).
         gates: Hard-Concrete gate on every head.
         gate_temperature: the gates' Concrete temperature.
         mask_rate: probability of zeroing an absent class's token output in training.
+        class_blocks: 0 puts the class tokens in every block. ``n`` in 1..depth selects
+            class-attention mode (CaiT): the first ``depth - n`` blocks are self-attention over
+            ``[patches | REG]``, the last ``n`` update only the class tokens, whose queries attend
+            to ``[CLS | patches | REG]``; patch and register tokens pass them unchanged. Attention
+            maps then come from these ``n`` blocks only (``attn_blocks="all"`` means all ``n``).
+        grad_checkpointing: recompute each block's activations in the backward pass (training
+            only) to save memory; also settable later as the attribute of the same name.
     """
 
     def __init__(self, num_classes: int, in_chans: int = 3, img_size: Sequence[int] = (224, 224),
                  patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
                  num_registers: int = 1, head: str = "joint", stem: str = "linear",
-                 gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5):
+                 gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5,
+                 class_blocks: int = 0, grad_checkpointing: bool = False):
         super().__init__()
         if head not in ("joint", "per_token"):
             raise ValueError(f"head={head!r}; expected 'joint' or 'per_token'")
@@ -192,15 +260,21 @@ class ClassTokenViT(nn.Module):
             raise ValueError(f"stem={stem!r}; expected 'conv' or 'linear'")
         if not 0.0 <= mask_rate <= 1.0:
             raise ValueError(f"mask_rate={mask_rate} must lie in [0, 1]")
+        if not 0 <= class_blocks <= depth:
+            raise ValueError(f"class_blocks={class_blocks} must lie in 0..depth={depth} (0: class "
+                             "tokens in every block; n: class attention in the last n blocks)")
         img_size = tuple(int(s) for s in img_size)
         if len(img_size) != 2 or any(s % patch_size for s in img_size):
-            raise ValueError(f"img_size={img_size} must be (H, W) divisible by patch_size={patch_size}")
+            raise ValueError(f"img_size={img_size} must be (H, W) divisible by "
+                             f"patch_size={patch_size}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.num_registers = num_registers
         self.mask_rate = mask_rate
         self.head_type = head
+        self.class_blocks = class_blocks
+        self.grad_checkpointing = grad_checkpointing
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         embed = ConvStemPatchEmbed if stem == "conv" else LinearPatchEmbed
         self.patch_embed = embed(in_chans, embed_dim, patch_size)
@@ -250,41 +324,56 @@ class ClassTokenViT(nn.Module):
             )
 
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        if grid == self.grid:
-            return self.pos_embed
-        dim = self.pos_embed.shape[-1]
-        pos = self.pos_embed.reshape(1, *self.grid, dim).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+        return resample_pos_embed(self.pos_embed, self.grid, grid)
 
     def token_mask(self, labels: Tensor) -> Tensor:
-        """Random keep-mask [B, K] for the class tokens: absent classes dropped with ``mask_rate``."""
+        """Random keep-mask [B, K] for the class tokens: absent classes dropped with
+        probability ``mask_rate``."""
         drop = (labels <= 0) & (torch.rand_like(labels, dtype=torch.float32) < self.mask_rate)
         return ~drop
 
+    def resolve_attn_blocks(self, spec: str | Sequence[int]) -> list[int]:
+        """Indices of the blocks ``spec`` names (see :func:`parse_attn_blocks`); in
+        class-attention mode only class-attention blocks can be named."""
+        return parse_attn_blocks(spec, len(self.blocks), self.class_blocks)
+
+    def _run_block(self, block: Block, x: Tensor, num_query_rows: int,
+                   num_queries: int | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, num_query_rows, num_queries, use_reentrant=False)
+        return block(x, num_query_rows, num_queries)
+
     def forward_features(self, x: Tensor, labels: Tensor | None = None,
-                         attn_blocks: Sequence[int] = ()) -> dict[str, Tensor | list[Tensor]]:
+                         attn_blocks: str | Sequence[int] = ()) -> dict[str, Tensor | list[Tensor]]:
         """Run the encoder.
 
         Returns a dict with ``cls`` [B,K,D], ``reg`` [B,R,D], ``patch`` [B,N,D] (final-norm
-        outputs), ``grid`` (h, w), and ``attn``: for each block in ``attn_blocks`` the class-token
-        attention rows over all tokens [B,heads,K,K+N+R], in block order. In training with ``labels``, the ``cls``
-        outputs of randomly chosen absent classes are zeroed.
+        outputs), ``grid`` (h, w), and ``attn``: for each block in ``attn_blocks`` (a spec or
+        indices, see :meth:`resolve_attn_blocks`) the class-token attention rows over all tokens
+        [B,heads,K,K+N+R], in block order. In training with ``labels``, the ``cls`` outputs of
+        randomly chosen absent classes are zeroed.
         """
         self._check_input(x)
-        wanted = set(parse_attn_blocks(attn_blocks, len(self.blocks))) if attn_blocks else set()
+        wanted = set(self.resolve_attn_blocks(attn_blocks)) if attn_blocks else set()
         feats = self.patch_embed(x)
         grid = (feats.shape[-2], feats.shape[-1])
         patches = feats.flatten(2).transpose(1, 2) + self._pos_embed(grid)
         batch, k = x.shape[0], self.num_classes
-        tokens = torch.cat([self.cls_tokens.expand(batch, -1, -1), patches,
-                            self.reg_tokens.expand(batch, -1, -1)], dim=1)
+        cls = self.cls_tokens.expand(batch, -1, -1)
+        seq = torch.cat([patches, self.reg_tokens.expand(batch, -1, -1)], dim=1)
+        if not self.class_blocks:
+            seq = torch.cat([cls, seq], dim=1)
+        first = len(self.blocks) - self.class_blocks
         attn: list[Tensor] = []
         for i, block in enumerate(self.blocks):
-            tokens, rows = block(tokens, k if i in wanted else 0)
+            rows_k = k if i in wanted else 0
+            if i < first:
+                seq, rows = self._run_block(block, seq, rows_k)
+            else:
+                cls, rows = self._run_block(block, torch.cat([cls, seq], dim=1), rows_k, k)
             if rows is not None:
                 attn.append(rows)
-        tokens = self.norm(tokens)
+        tokens = self.norm(torch.cat([cls, seq], dim=1) if self.class_blocks else seq)
         cls = tokens[:, :k]
         if self.training and labels is not None and self.mask_rate > 0:
             cls = cls * self.token_mask(labels).unsqueeze(-1).to(cls.dtype)
@@ -301,7 +390,7 @@ class ClassTokenViT(nn.Module):
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.forward_head(self.forward_features(x, labels)["cls"])
 
-    def class_maps(self, attn: Sequence[Tensor], attn_blocks: Sequence[int],
+    def class_maps(self, attn: Sequence[Tensor], attn_blocks: str | Sequence[int],
                    grid: tuple[int, int]) -> Tensor:
         """Average class-to-patch attention [B,K,h,w] over open heads and the given blocks.
 
@@ -310,7 +399,7 @@ class ClassTokenViT(nn.Module):
         """
         k, n = self.num_classes, grid[0] * grid[1]
         maps = []
-        for rows, index in zip(attn, parse_attn_blocks(attn_blocks, len(self.blocks))):
+        for rows, index in zip(attn, self.resolve_attn_blocks(attn_blocks)):
             patch_rows = rows[..., k:k + n]
             open_heads = (self.blocks[index].attn.head_weights() > 0).to(patch_rows.dtype)
             if open_heads.sum() == 0:
@@ -319,9 +408,10 @@ class ClassTokenViT(nn.Module):
             maps.append(torch.einsum("bhkn,h->bkn", patch_rows, weights))
         return torch.stack(maps).mean(0).reshape(-1, k, *grid)
 
-    def predict(self, x: Tensor, attn_blocks: str | Sequence[int] = "last") -> tuple[Tensor, Tensor]:
+    def predict(self, x: Tensor,
+                attn_blocks: str | Sequence[int] = "last") -> tuple[Tensor, Tensor]:
         """Logits [B,K] and class attention maps [B,K,h,w] from one forward pass."""
-        blocks = parse_attn_blocks(attn_blocks, len(self.blocks))
+        blocks = self.resolve_attn_blocks(attn_blocks)
         out = self.forward_features(x, attn_blocks=blocks)
         return self.forward_head(out["cls"]), self.class_maps(out["attn"], blocks, out["grid"])
 
