@@ -30,14 +30,14 @@ def test_masks_hold_one_to_three_known_shapes_on_background() -> None:
 
 def test_shape_geometry_matches_its_name() -> None:
     # A filled disc covers ~pi/4 of its bounding box, a square (at any rotation) ~1/2 to 1.
-    from attnmaps.data.synthetic import _shape_mask
+    from attnmaps.data.synthetic import shape_mask
 
     yy, xx = np.mgrid[-40:40, -40:40].astype(np.float32) + 0.5
-    circle = _shape_mask("circle", yy, xx, radius=30.0, angle=0.3)
+    circle = shape_mask("circle", yy, xx, radius=30.0, angle=0.3)
     assert abs(circle.sum() - np.pi * 30**2) / (np.pi * 30**2) < 0.01
-    square = _shape_mask("square", yy, xx, radius=30.0, angle=0.0)
+    square = shape_mask("square", yy, xx, radius=30.0, angle=0.0)
     assert square.sum() == (2 * 24) ** 2
-    triangle = _shape_mask("triangle", yy, xx, radius=30.0, angle=0.0)
+    triangle = shape_mask("triangle", yy, xx, radius=30.0, angle=0.0)
     assert abs(triangle.sum() - 3 * np.sqrt(3) / 4 * 30**2) / (3 * np.sqrt(3) / 4 * 30**2) < 0.02
 
 

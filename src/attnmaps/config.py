@@ -62,6 +62,12 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     hflip: bool = True
     num_workers: int = 0
+    crop_scale: list[float] | None = field(default=None, metadata=_PAIR)
+    rotate: float = 0.0
+    color_jitter: float = 0.0
+    has_background: bool | None = None
+    label_map: list[int] | None = None
+    label_min_fraction: float = 0.0
 
 
 @dataclass

@@ -22,7 +22,7 @@ SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPE_NAMES)
 
 
-def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle: float) -> np.ndarray:
+def shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle: float) -> np.ndarray:
     """Boolean mask of one shape centred at the origin of the (yy, xx) coordinate grids."""
     cos, sin = np.cos(angle), np.sin(angle)
     u = (xx * cos + yy * sin) / radius
@@ -41,7 +41,7 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle:
     raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_NAMES}")
 
 
-def _texture(rng: np.random.Generator, height: int, width: int,
+def texture(rng: np.random.Generator, height: int, width: int,
              contrast: float = 1.0) -> np.ndarray:
     """A random float texture [H,W,3] in [0,1]: flat, stripes or checker, in random colours.
 
@@ -71,7 +71,7 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
     """
     height, width = size
     rng = np.random.default_rng([seed, index])
-    image = _texture(rng, height, width, contrast=0.3)
+    image = texture(rng, height, width, contrast=0.3)
     mask = np.zeros((height, width), np.uint8)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     short = min(height, width)
@@ -80,10 +80,10 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
         radius = rng.uniform(0.18, 0.30) * short
         cy = rng.uniform(radius * 0.6, height - radius * 0.6)
         cx = rng.uniform(radius * 0.6, width - radius * 0.6)
-        inside = _shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
+        inside = shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
         if inside.sum() < 0.002 * height * width:
             continue
-        image[inside] = _texture(rng, height, width, contrast=0.35)[inside]
+        image[inside] = texture(rng, height, width, contrast=0.35)[inside]
         mask[inside] = cls + 1
     noise = rng.normal(0.0, 0.03, size=image.shape)
     return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8), mask

@@ -1,0 +1,150 @@
+"""Resizing and augmentations that move an image [H,W,C] and its label mask [H,W] together.
+
+Images keep their dtype through the geometric steps (uint8 stays uint8, anything else becomes
+float32) and are resized bilinearly per channel, so any channel count works; masks always use
+nearest neighbour, and pixels that a rotation brings in from outside the image become 255
+(ignore) in the mask and 0 in the image. Randomness comes from ``torch``'s global generator, which
+DataLoader seeds differently in each worker.
+
+>>> augment = Augment(size=(224, 224), crop_scale=(0.5, 1.0), hflip=True)  # doctest: +SKIP
+>>> image, mask = augment(image, mask)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE = 255
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _per_channel(image: np.ndarray, op) -> np.ndarray:
+    """Apply the PIL operation ``op`` to each channel (uint8 as "L", others as float32 "F")."""
+    dtype = np.uint8 if image.dtype == np.uint8 else np.float32
+    planes = [np.asarray(op(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=dtype))))
+              for c in range(image.shape[2])]
+    return np.stack(planes, axis=-1)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Bilinear resize of an [H,W,C] image to ``size`` = (H, W); ``None`` keeps it as it is."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image
+    height, width = size
+    return _per_channel(image, lambda p: p.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Nearest-neighbour resize of a uint8 [H,W] mask to ``size`` = (H, W)."""
+    if size is None or mask.shape == tuple(size):
+        return mask
+    height, width = size
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+
+
+def rotate_pair(image: np.ndarray, mask: np.ndarray,
+                degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate image (bilinear, fill 0) and mask (nearest, fill 255) counter-clockwise about the
+    centre, keeping the size."""
+    image = _per_channel(image, lambda p: p.rotate(degrees, Image.Resampling.BILINEAR,
+                                                   fillcolor=0))
+    mask = np.asarray(Image.fromarray(mask).rotate(degrees, Image.Resampling.NEAREST,
+                                                   fillcolor=IGNORE))
+    return image, mask
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def random_crop_box(height: int, width: int, scale: tuple[float, float],
+                    ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering a ``scale`` fraction of the area with aspect ratio
+    w/h in ``ratio`` (log-uniform); after 10 failed draws, the whole image."""
+    area = height * width
+    for _ in range(10):
+        target = area * _uniform(*scale)
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()).item())
+            left = int(torch.randint(0, width - w + 1, ()).item())
+            return top, left, h, w
+    return 0, 0, height, width
+
+
+def adjust_colour(image: torch.Tensor, brightness: float, contrast: float,
+                  saturation: float) -> torch.Tensor:
+    """Scale brightness, contrast and saturation of an RGB image [3,H,W] in [0,1] (clamped).
+
+    Brightness multiplies the values; contrast blends with the mean grey level; saturation
+    blends with the per-pixel grey (ITU-R 601 luma), as PIL's ``ImageEnhance`` does.
+    """
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
+    image = (image * brightness).clamp(0, 1)
+    mean = (image * luma).sum(0).mean()
+    image = (mean + contrast * (image - mean)).clamp(0, 1)
+    grey = (image * luma).sum(0, keepdim=True)
+    return (grey + saturation * (image - grey)).clamp(0, 1)
+
+
+@dataclass
+class Augment:
+    """Resize to ``size`` plus optional random augmentations for one image/mask pair.
+
+    Geometric steps (``__call__``, on numpy arrays): random resized crop (area fraction in
+    ``crop_scale``) then resize to ``size`` (the input size when ``None``), a rotation by an
+    angle uniform in [-rotate, rotate] degrees, a horizontal flip with probability 0.5.
+    ``photometric`` applies colour jitter (factors uniform in [1-j, 1+j]) to RGB tensors in [0,1].
+    With no augmentation set the transform is deterministic (evaluation).
+    """
+
+    size: tuple[int, int] | None = None
+    crop_scale: tuple[float, float] | None = None
+    rotate: float = 0.0
+    hflip: bool = False
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"image_size must be (H, W) with positive sizes, got {self.size}")
+        if self.crop_scale is not None:
+            if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+                raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                                 f"got {self.crop_scale}")
+            self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"data.rotate must be a maximum angle in [0, 180] degrees, "
+                             f"got {self.rotate}")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Transformed (image [H,W,C], mask [H,W]); ``mask`` must have the image's H and W."""
+        size = self.size
+        if self.crop_scale is not None:
+            size = size or image.shape[:2]
+            top, left, h, w = random_crop_box(*image.shape[:2], self.crop_scale)
+            image, mask = image[top:top + h, left:left + w], mask[top:top + h, left:left + w]
+        image, mask = resize_image(image, size), resize_mask(mask, size)
+        if self.rotate:
+            image, mask = rotate_pair(image, mask, _uniform(-self.rotate, self.rotate))
+        if self.hflip and torch.rand(()).item() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+    def photometric(self, image: torch.Tensor) -> torch.Tensor:
+        """Colour jitter of an RGB image [3,H,W] in [0,1]; other channel counts raise."""
+        if not self.color_jitter:
+            return image
+        if image.shape[0] != 3:
+            raise ValueError(f"data.color_jitter applies to RGB images only; got an image with "
+                             f"{image.shape[0]} channels (set data.color_jitter=0)")
+        low, high = 1.0 - self.color_jitter, 1.0 + self.color_jitter
+        return adjust_colour(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))

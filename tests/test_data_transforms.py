@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from attnmaps.data.image_io import write_image, write_mask
+from attnmaps.data.transforms import (
+    Augment,
+    adjust_colour,
+    random_crop_box,
+    resize_image,
+    resize_mask,
+    rotate_pair,
+)
+from attnmaps.data.voc import VOCDataset
+
+
+def _stripes(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Channel 0 = vertical stripes, channel 1 = horizontal stripes (period 8), channel 2 = 0;
+    the mask encodes both: 1 + stripe_x + 2 * stripe_y."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    sx, sy = (xx // 4) % 2, (yy // 4) % 2
+    image = np.stack([255 * sx, 255 * sy, np.zeros_like(sx)], axis=-1).astype(np.uint8)
+    return image, (1 + sx + 2 * sy).astype(np.uint8)
+
+
+def _check_aligned(image: np.ndarray, mask: np.ndarray) -> int:
+    """Assert the mask equals the thresholded stripe channels away from 50% blends; returns the
+    number of pixels checked. Bilinear upsampling of a stripe thresholds to the nearest sample."""
+    x, y = image[..., 0] / 255.0, image[..., 1] / 255.0
+    clear = (np.abs(x - 0.5) > 0.1) & (np.abs(y - 0.5) > 0.1)
+    expected = 1 + (x > 0.5) + 2 * (y > 0.5)
+    assert np.array_equal(mask[clear], expected[clear])
+    return int(clear.sum())
+
+
+def test_resize_image_per_channel_matches_pil():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(13, 17, 3), dtype=np.uint8)
+    out = resize_image(rgb, (7, 9))
+    assert out.dtype == np.uint8 and out.shape == (7, 9, 3)
+    assert np.array_equal(out, np.asarray(Image.fromarray(rgb).resize((9, 7),
+                                                                      Image.Resampling.BILINEAR)))
+    bands = rng.uniform(0, 5000, size=(13, 17, 5)).astype(np.uint16)
+    out = resize_image(bands, (20, 30))
+    assert out.dtype == np.float32 and out.shape == (20, 30, 5)
+    band3 = Image.fromarray(bands[..., 3].astype(np.float32)).resize((30, 20),
+                                                                     Image.Resampling.BILINEAR)
+    assert np.array_equal(out[..., 3], np.asarray(band3))
+    assert resize_image(bands, None) is bands
+    mask = np.kron(np.arange(6, dtype=np.uint8).reshape(2, 3), np.ones((3, 3), np.uint8))
+    assert np.array_equal(resize_mask(mask, (2, 3)), np.arange(6).reshape(2, 3))
+
+
+def test_random_crop_box_area_ratio_and_bounds():
+    torch.manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = random_crop_box(40, 60, (0.25, 0.5))
+        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 60
+        assert 0.2 <= h * w / 2400 <= 0.55 and 0.6 <= w / h <= 1.45
+    # no crop with aspect ratio in [3/4, 4/3] covers 90% of a 1x100 image: whole image
+    assert random_crop_box(1, 100, (0.9, 1.0)) == (0, 0, 1, 100)
+
+
+def test_crop_resize_flip_keep_image_and_mask_aligned():
+    image, mask = _stripes()
+    augment = Augment(size=(32, 32), crop_scale=(0.3, 0.6), hflip=True)
+    torch.manual_seed(0)
+    outputs = []
+    for _ in range(20):
+        out_image, out_mask = augment(image, mask)
+        assert out_image.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        assert _check_aligned(out_image, out_mask) > 32 * 32 // 2
+        outputs.append(out_mask)
+    assert len({m.tobytes() for m in outputs}) == 20  # every draw is a different crop
+
+
+def test_flip_alone_flips_both():
+    image, mask = _stripes(16)
+    augment = Augment(hflip=True)
+    torch.manual_seed(1)
+    seen = set()
+    for _ in range(20):
+        out_image, out_mask = augment(image, mask)
+        flipped = not np.array_equal(out_mask, mask)
+        reference = (image[:, ::-1], mask[:, ::-1]) if flipped else (image, mask)
+        assert np.array_equal(out_image, reference[0]) and np.array_equal(out_mask, reference[1])
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_rotation():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(6, 6, 4), dtype=np.uint8)
+    mask = rng.integers(0, 5, size=(6, 6), dtype=np.uint8)
+    out_image, out_mask = rotate_pair(image, mask, 90)
+    assert np.array_equal(out_image, np.rot90(image)) and np.array_equal(out_mask, np.rot90(mask))
+    out_image, out_mask = rotate_pair(image.astype(np.float32), mask, 45)
+    assert out_mask[0, 0] == 255 and out_image[0, 0].tolist() == [0, 0, 0, 0]
+    assert out_mask[3, 3] != 255
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    disk = ((yy - 12) ** 2 + (xx - 18) ** 2 < 40).astype(np.uint8)
+    blob = np.repeat(255 * disk[..., None], 3, axis=-1).astype(np.uint8)
+    torch.manual_seed(0)
+    masks = []
+    for _ in range(5):
+        out_image, out_mask = Augment(rotate=60.0)(blob, disk)
+        inside = out_mask != 255
+        agree = (out_image[..., 0] > 127) == (out_mask == 1)
+        assert agree[inside].mean() > 0.97 and (out_image[~inside] == 0).all()
+        masks.append(out_mask)
+    assert len({m.tobytes() for m in masks}) == 5 and any((m == 255).any() for m in masks)
+
+
+def test_adjust_colour_matches_pil_enhance():
+    rgb = np.random.default_rng(3).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    pil = Image.fromarray(rgb)
+    for enhancer, factor in ((ImageEnhance.Brightness, 1.3), (ImageEnhance.Contrast, 0.6),
+                             (ImageEnhance.Color, 1.4)):
+        pil = enhancer(pil).enhance(factor)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    ours = adjust_colour(tensor, 1.3, 0.6, 1.4).permute(1, 2, 0).numpy()
+    assert np.abs(ours - np.asarray(pil) / 255).max() < 3 / 255
+
+
+def test_photometric_only_for_rgb():
+    image = torch.rand(3, 5, 5)
+    assert torch.equal(Augment().photometric(image), image)
+    torch.manual_seed(0)
+    jittered = Augment(color_jitter=0.4).photometric(image)
+    assert not torch.allclose(jittered, image) and 0 <= jittered.min() <= jittered.max() <= 1
+    with pytest.raises(ValueError, match=r"color_jitter applies to RGB images only.*13 channels"):
+        Augment(color_jitter=0.4).photometric(torch.rand(13, 5, 5))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"crop_scale": (0.6, 0.3)}, r"data\.crop_scale must be \[low, high\].*\(0\.6, 0\.3\)"),
+    ({"crop_scale": (0.0, 1.0)}, r"data\.crop_scale"),
+    ({"rotate": 200.0}, r"data\.rotate must be .*\[0, 180\].*200"),
+    ({"color_jitter": 1.0}, r"data\.color_jitter must be in \[0, 1\)"),
+    ({"size": (4,)}, r"image_size must be \(H, W\)"),
+])
+def test_invalid_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Augment(**kwargs)
+
+
+def test_dataset_augmentation_keeps_alignment(tmp_path):
+    image, mask = _stripes()
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("s\n")
+    (tmp_path / "classes.txt").write_text("bg\na\nb\nc\nd\n")
+    write_image(tmp_path / "JPEGImages" / "s.png", image)
+    write_mask(tmp_path / "SegmentationClass" / "s.png", mask)
+    ds = VOCDataset(tmp_path, image_size=(24, 24), mean=(0, 0, 0), std=(1, 1, 1), hflip=True,
+                    crop_scale=(0.4, 0.7))
+    evaluation = VOCDataset(tmp_path, image_size=(24, 24), mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    for _ in range(10):
+        sample = ds[0]
+        pixels = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert _check_aligned(pixels, sample["mask"].numpy()) > 24 * 24 // 2
+    assert torch.equal(evaluation[0]["image"], evaluation[0]["image"])
+    assert torch.equal(evaluation[0]["mask"], torch.tensor(resize_mask(mask, (24, 24))).long())
