@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from attnmaps.pseudo_masks import (
@@ -10,36 +11,27 @@ from attnmaps.pseudo_masks import (
     normalize_maps,
     save_pseudo_masks,
     select_classes,
+    selected_indices,
     upsample_maps,
 )
 
 
-def reference_fill(grid: list[list[int]], num_labels: int, max_iters: int | None = None):
-    """Loop implementation of the synchronous 3x3 majority fill, for one image."""
-    height, width = len(grid), len(grid[0])
-    current = [row[:] for row in grid]
-    iteration = 0
-    while max_iters is None or iteration < max_iters:
-        updated = [row[:] for row in current]
-        changed = False
-        for y in range(height):
-            for x in range(width):
-                if current[y][x] != -1:
-                    continue
-                counts = [0] * num_labels
-                for dy in (-1, 0, 1):
-                    for dx in (-1, 0, 1):
-                        ny, nx = y + dy, x + dx
-                        if 0 <= ny < height and 0 <= nx < width and current[ny][nx] != -1:
-                            counts[current[ny][nx]] += 1
-                if max(counts) > 0:
-                    updated[y][x] = counts.index(max(counts))
-                    changed = True
-        if not changed:
-            break
-        current = updated
-        iteration += 1
-    return [[max(value, 0) for value in row] for row in current]
+def nearest_fill(labels: torch.Tensor) -> torch.Tensor:
+    """Brute force, one image [H,W]: every -1 pixel takes the label of the assigned pixel at the
+    smallest city-block distance, the smallest label among equally near ones; none: 0."""
+    rows, cols = torch.meshgrid(
+        torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij"
+    )
+    assigned = labels >= 0
+    if not assigned.any():
+        return torch.zeros_like(labels)
+    seeds = torch.stack([rows[assigned], cols[assigned]], 1)
+    pixels = torch.stack([rows.flatten(), cols.flatten()], 1)
+    dist = (pixels[:, None] - seeds[None]).abs().sum(-1)
+    nearest = dist == dist.min(1, keepdim=True).values
+    seed_labels = labels[assigned].expand_as(dist)
+    best = torch.where(nearest, seed_labels, labels.max() + 1).min(1).values
+    return best.view_as(labels)
 
 
 def test_normalize_maps_min_max_and_constant():
@@ -96,13 +88,12 @@ def test_fill_hand_made_grid():
             ]
         ]
     )
-    # One synchronous pass fills everything (counts over assigned 3x3 neighbours):
-    #   (0,2): 0 x1, 2 x2 -> 2        (1,1): 0 x3, 1 x2 -> 0
-    #   (1,2): 0 x1, 1 x1, 2 x2 -> 2  (2,2): 1 x1, 2 x1 -> tie -> lowest label 1
-    #   (2,3): 2 x1 -> 2
+    # Nearest assigned pixel in city-block distance, ties to the smaller label:
+    #   (0,2): 0 and 2 at 1 -> 0      (1,1): 0, 0 and 1 at 1 -> 0
+    #   (1,2): 2 at 1 -> 2            (2,2): 1 at 1, 2 at 2 -> 1     (2,3): 2 at 1 -> 2
     expected = [
         [
-            [0, 0, 2, 2],
+            [0, 0, 0, 2],
             [0, 0, 2, 2],
             [1, 1, 1, 2],
         ]
@@ -110,37 +101,64 @@ def test_fill_hand_made_grid():
     assert fill_unassigned(labels, num_labels=3).tolist() == expected
 
 
-def test_fill_all_unassigned_image_gets_zero_and_max_iters():
-    labels = torch.full((2, 3, 5), -1)
-    labels[1, 0, 0] = 2
-    out = fill_unassigned(labels, num_labels=3)
-    assert out[0].eq(0).all()
-    assert out[1].eq(2).all()
-    capped = fill_unassigned(labels, num_labels=3, max_iters=1)
-    assert capped[1].tolist() == [[2, 2, 0, 0, 0], [2, 2, 0, 0, 0], [0, 0, 0, 0, 0]]
+def test_fill_far_seeds_and_empty_image():
+    labels = torch.full((2, 5, 9), -1)
+    labels[1, 0, 0], labels[1, 4, 8], labels[1, 0, 8] = 2, 1, 4
+    out = fill_unassigned(labels, num_labels=5)
+    assert out[0].eq(0).all()  # nothing assigned at all
+    # (4,0) is 4 from 2 and 8 from 1 and 4; (2,4) is 6 from 2, 6 from 1 and 6 from 4 -> 1
+    assert out[1, 4, 0] == 2 and out[1, 2, 4] == 1 and out[1, 0, 5] == 4
+    assert torch.equal(out[1], nearest_fill(labels[1]))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_fill_matches_brute_force(seed):
     generator = torch.Generator().manual_seed(seed)
-    num_labels = 4
-    labels = torch.randint(0, num_labels, (3, 6, 7), generator=generator)
-    unassigned_rate = [0.3, 0.7, 0.95][seed % 3]
+    shapes = [(3, 6, 7), (2, 1, 13), (2, 11, 1), (4, 9, 5)]
+    num_labels = [2, 4, 150][seed % 3]
+    labels = torch.randint(0, num_labels, shapes[seed % 4], generator=generator)
+    unassigned_rate = [0.3, 0.7, 0.95, 0.995][seed % 4]
     labels[torch.rand(labels.shape, generator=generator) < unassigned_rate] = -1
-    labels[2] = -1 if seed % 2 else labels[2]
-    max_iters = 2 if seed == 5 else None
-    out = fill_unassigned(labels, num_labels, max_iters=max_iters)
-    expected = [reference_fill(grid, num_labels, max_iters) for grid in labels.tolist()]
-    assert out.tolist() == expected
+    if seed % 2:
+        labels[-1] = -1
+    out = fill_unassigned(labels, num_labels)
+    assert torch.equal(out, torch.stack([nearest_fill(image) for image in labels]))
 
 
-def test_fill_many_labels():
-    labels = torch.full((1, 4, 4), -1)
-    labels[0, 0, 0] = 149
-    labels[0, 3, 3] = 3
-    out = fill_unassigned(labels, num_labels=150)
-    expected = reference_fill(labels[0].tolist(), 150)
-    assert out[0].tolist() == expected
+def test_fill_images_are_independent():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (4, 8, 8), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.9] = -1
+    out = fill_unassigned(labels, 3)
+    changed = labels.clone()
+    changed[0] = -1
+    changed[0, 7, 7] = 2
+    out_changed = fill_unassigned(changed, 3)
+    assert out_changed[0].eq(2).all()
+    assert torch.equal(out_changed[1:], out[1:])
+    for index in range(4):
+        assert torch.equal(fill_unassigned(labels[index : index + 1], 3)[0], out[index])
+
+
+def test_fill_keeps_dtype_and_input():
+    labels = torch.tensor([[[1, -1, -1, 0]]], dtype=torch.int32)
+    before = labels.clone()
+    out = fill_unassigned(labels, num_labels=2)
+    assert out.dtype == torch.int32 and out.device == labels.device
+    assert out.tolist() == [[[1, 1, 0, 0]]]
+    assert torch.equal(labels, before)
+    full = torch.tensor([[[1, 0]]])
+    assert fill_unassigned(full, 2).tolist() == [[[1, 0]]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fill_on_cuda_equals_cpu():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (3, 40, 30), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.97] = -1
+    out = fill_unassigned(labels.cuda(), 5)
+    assert out.is_cuda
+    assert torch.equal(out.cpu(), fill_unassigned(labels, 5))
 
 
 def test_fill_rejects_out_of_range_labels():
@@ -176,7 +194,7 @@ def test_make_pseudo_masks_full_resolution_maps():
     seeds = make_pseudo_masks(maps, probs, (2, 3), has_background=True, labels=labels)
     assert seeds.tolist() == [[[1, 1, 0], [0, 0, 3]]]
     no_bg = make_pseudo_masks(maps, probs, (2, 3), has_background=False)
-    # Row 0 is [0, 1, 1]; row 1 is unassigned: (1,0) sees 0,1 -> 0; (1,1), (1,2) see 1s.
+    # Row 0 is [0, 1, 1]; row 1 is unassigned and takes the label just above each pixel.
     assert no_bg.tolist() == [[[0, 1, 1], [0, 1, 1]]]
 
 
@@ -202,6 +220,71 @@ def test_batched_equals_per_image(has_background):
             has_background=has_background,
         )
         assert torch.equal(batched[index], single[0])
+
+
+def test_selected_indices_lists_selected_classes_in_order():
+    selected = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    classes, valid = selected_indices(selected)
+    assert classes.tolist() == [[1, 3], [0, 0]]
+    assert valid.tolist() == [[True, True], [True, False]]
+    classes, valid = selected_indices(torch.zeros(0, 4, dtype=torch.bool))
+    assert classes.shape == valid.shape == (0, 1)
+
+
+def painted_masks(maps, probs, image_size, threshold, has_background, labels=None):
+    """Image by image, class by class: paint every selected class's upsampled, min-max
+    normalised map where it is >= threshold, in order of increasing probability (equal
+    probabilities: higher class first, so the lower class wins); then fill or shift."""
+    out = []
+    for index, (image_maps, image_probs) in enumerate(zip(maps, probs)):
+        present = labels[index] > 0.5 if labels is not None else image_probs >= 0.5
+        chosen = present.nonzero().flatten().tolist() or [int(image_probs.argmax())]
+        painted = torch.full(image_size, -1)
+        for c in sorted(chosen, key=lambda c: (float(image_probs[c]), -c)):
+            full = image_maps[c][None, None]
+            if full.shape[-2:] != image_size:
+                full = F.interpolate(full, size=image_size, mode="bilinear", align_corners=False)
+            full = full[0, 0]
+            low, high = full.min(), full.max()
+            full = (full - low) / (high - low) if high > low else torch.zeros_like(full)
+            painted[full >= threshold] = c
+        out.append(painted + 1 if has_background else nearest_fill(painted))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("has_background", [True, False])
+@pytest.mark.parametrize("true_labels", [False, True])
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_make_pseudo_masks_equals_class_by_class_painting(
+    has_background, true_labels, full_resolution
+):
+    generator = torch.Generator().manual_seed(int(has_background) + 2 * int(true_labels))
+    batch, classes, size = 5, 7, (12, 15)
+    low_res = torch.rand(batch, classes, 3, 4, generator=generator)
+    maps = upsample_maps(low_res, size) if full_resolution else low_res
+    # quarter steps: many equal probabilities; the last image selects nothing (argmax fallback)
+    probs = torch.randint(0, 4, (batch, classes), generator=generator) / 4
+    probs[-1] = torch.rand(classes, generator=generator) * 0.4
+    labels = (torch.rand(batch, classes, generator=generator) < 0.4).float() if true_labels else None
+    if labels is not None:
+        labels[0] = 0.0  # no true class: falls back to the most probable one
+    out = make_pseudo_masks(
+        maps, probs, size, threshold=0.4, has_background=has_background, labels=labels
+    )
+    expected = painted_masks(maps, probs, size, 0.4, has_background, labels)
+    assert out.dtype == torch.int64
+    assert torch.equal(out, expected)
+    # the former path: merge all K maps with the unselected ones masked out
+    everything = merge_masks(
+        normalize_maps(upsample_maps(maps, size)),
+        probs,
+        select_classes(probs, labels),
+        0.4,
+        has_background,
+    )
+    if not has_background:
+        everything = fill_unassigned(everything, classes)
+    assert torch.equal(out, everything)
 
 
 def test_save_round_trip(tmp_path):
