@@ -17,10 +17,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from _variants import ensure_data, print_summary, run_variants, summarise  # noqa: E402
+import matplotlib.pyplot as plt
+from _variants import ensure_data, print_summary, run_variants, summarise
 
-from attnmaps.demo import NUM_TRAIN  # noqa: E402
+from attnmaps.demo import NUM_TRAIN
 
 KEYS = ("miou", "miou_true_labels", "map", "class_map_correlation")
 

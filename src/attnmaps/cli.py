@@ -1,4 +1,4 @@
-"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate."""
+"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench."""
 
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .engine.distributed import is_main_process
     from .engine.train import train
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=args.resume)
-    print(f"run directory: {cfg.out_dir}  pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
+    if is_main_process():
+        print(f"run directory: {cfg.out_dir}  "
+              f"pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
 
 
 def _pseudo_masks(args: argparse.Namespace) -> None:
@@ -53,6 +56,34 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     save_metrics(out, metrics)
     print(f"metrics written to {out}")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .data.registry import build_dataset
+    from .data.stats import dataset_stats, format_stats
+    from .metrics.report import save_metrics
+
+    cfg = load_config(args.config, args.overrides)
+    split = args.split or cfg.data.train_split
+    stats = dataset_stats(build_dataset(cfg.data, split, train=False))
+    print(format_stats(stats))
+    if args.out:
+        save_metrics(args.out, stats)
+        print(f"statistics written to {args.out}")
+
+
+def _guide_bench(args: argparse.Namespace) -> None:
+    from .guide.bench import BenchConfig, run_guide_bench
+
+    cfg = BenchConfig(seeds=args.seeds, epochs=args.epochs, num_train=args.num_train,
+                      device=args.device)
+    if args.methods:
+        cfg.methods = args.methods
+    report = run_guide_bench(cfg, args.out)
+    print((Path(args.out) / "guide_bench.md").read_text())
+    print(f"{report['seconds'] / 60:.1f} min; results in {args.out}/guide_bench.json and "
+          f"{args.out}/guide_bench.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classes", help="classes.txt with one name a line")
     evaluate.add_argument("--out", help="metrics.json path (default: PRED/metrics.json)")
     evaluate.set_defaults(func=_evaluate)
+
+    stats = sub.add_parser("stats", help="per-channel mean/std and class frequencies of a dataset")
+    stats.add_argument("--config", help="YAML config file (its data section is used)")
+    stats.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
+    stats.add_argument("--out", help="also write the statistics as JSON here")
+    stats.add_argument("overrides", nargs="*", help="config overrides, e.g. data.name=coco")
+    stats.set_defaults(func=_stats)
+
+    bench = sub.add_parser("guide-bench",
+                           help="mask-guided attention benchmark on shapes with a spurious cue")
+    bench.add_argument("--out", default="runs/guide_bench", help="output directory")
+    bench.add_argument("--seeds", type=int, default=5)
+    bench.add_argument("--epochs", type=int, default=6)
+    bench.add_argument("--num-train", type=int, default=1500)
+    bench.add_argument("--methods", nargs="+", default=None,
+                       help="subset of: none camal camal_energy rrr gain l1 (default: all)")
+    bench.add_argument("--device", default="cpu")
+    bench.set_defaults(func=_guide_bench)
     return parser
 
 

@@ -49,6 +49,7 @@ class ModelConfig:
         metadata={"pattern": (r"all|last([1-9][0-9]*)?", "'last', 'last<n>' (n >= 1) or 'all'")},
     )
     init_from: str | None = None
+    adapt_channels: bool = False
 
 
 @dataclass
@@ -73,7 +74,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: under torchrun each process takes batch_size / N
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0

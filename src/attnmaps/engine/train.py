@@ -39,6 +39,7 @@ from ..config import Config, ModelConfig, TrainConfig, config_to_dict, save_conf
 from ..data.mask_budget import MaskBudget
 from ..data.registry import build_dataset
 from ..metrics.report import to_jsonable
+from ..models.convert import is_attnmaps_checkpoint, load_pretrained
 from ..models.vit import ClassTokenViT
 from .acceleration import autocast, compile_module
 from .checkpoint import (
@@ -57,6 +58,7 @@ from .distributed import (
     cleanup,
     gather_objects,
     init_distributed,
+    is_main_process,
     sync_buffers,
 )
 from .evaluate import evaluate
@@ -83,6 +85,20 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
         gates=cfg.gates, gate_temperature=cfg.gate_temperature, mask_rate=cfg.mask_rate,
         class_blocks=cfg.class_blocks, grad_checkpointing=cfg.grad_checkpointing,
     )
+
+
+def init_weights(cfg: ModelConfig, model: ClassTokenViT) -> None:
+    """Load ``cfg.init_from``: an attnmaps checkpoint as is, a timm / DeiT / DINO / DINOv2
+    checkpoint through :func:`~attnmaps.models.convert.load_pretrained` (report printed)."""
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from={cfg.init_from!r}: no such file")
+    if is_attnmaps_checkpoint(path):
+        load_weights(path, model)
+        return
+    report = load_pretrained(path, model, adapt_channels=cfg.adapt_channels)
+    if is_main_process():
+        tqdm.write(str(report))
 
 
 def seed_everything(seed: int) -> None:
@@ -214,7 +230,7 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
     if cfg.model.init_from and not resume:
-        load_weights(cfg.model.init_from, model)
+        init_weights(cfg.model, model)
     model = model.to(device)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
