@@ -5,8 +5,9 @@ Same inputs for both: smooth random class maps (one Gaussian blob per class on a
 grid, plus noise) and class probabilities with 1 to 3 predicted classes per image; no background
 class, so unclaimed pixels are filled. Reported: images/s of each (median over interleaved
 repeats), the median of the per-round speed ratios, and how often the two label maps agree
-(on claimed pixels they must agree exactly; the fills differ by design: a 4-neighbour
-breadth-first search in the reference, an iterated 3x3 majority vote in attnmaps). The row
+(on claimed pixels they must agree exactly; both fills give an unclaimed pixel the label of the
+nearest claimed pixel in city-block distance and differ only in how ties are broken: queue order
+in the reference's breadth-first search, the smaller label in attnmaps). The row
 "attnmaps merge only" runs attnmaps without the fill (``has_background=True``) to show where the
 time goes.
 
