@@ -4,13 +4,19 @@ Layout under ``root``::
 
     JPEGImages/<id>.jpg|.png          images
     SegmentationClass/<id>.png        optional palette/index masks (0 = background, 255 = ignore)
-    ImageSets/Segmentation/<split>.txt  one id per line
+    SegmentationClassAug/<id>.png     optional SBD-augmented index masks (for ``train_aug``)
+    ImageSets/Segmentation/<split>.txt  one id per line (e.g. train, val, train_aug)
     Annotations/<id>.xml              optional VOC XML, gives image labels when present
     classes.txt                       optional class names, background first
 
 >>> ds = VOCDataset("VOC2012", split="val", image_size=(224, 224))  # doctest: +SKIP
 >>> ds[0]["labels"].shape  # doctest: +SKIP
 torch.Size([20])
+
+Masks come from ``mask_dir`` (relative to ``root``). Left unset, splits whose name ends in
+``_aug`` (``train_aug``: the 10,582 images of the SBD-augmented set) read
+``SegmentationClassAug/`` when that folder exists, every other split ``SegmentationClass/``.
+Ids without a mask file take their labels from ``Annotations/<id>.xml``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
+MASK_DIR = "SegmentationClass"
+AUG_MASK_DIR = "SegmentationClassAug"
+AUG_SUFFIX = "_aug"
+
+
+def default_mask_dir(root: Path, split: str) -> str:
+    """``SegmentationClassAug`` for a ``*_aug`` split when ``root`` has it, else
+    ``SegmentationClass``."""
+    if split.endswith(AUG_SUFFIX) and (root / AUG_MASK_DIR).is_dir():
+        return AUG_MASK_DIR
+    return MASK_DIR
 
 
 class VOCDataset(ImageDataset):
@@ -47,7 +64,8 @@ class VOCDataset(ImageDataset):
 
     Mask value c+1 is model class c; 0 is background. Image labels come from Annotations XML when
     present for an id, else from the mask. With ``num_classes_check`` mask values above K (other
-    than 255) raise ValueError; without it they are treated as ignore. ``options`` are the
+    than 255) raise ValueError; without it they are treated as ignore. ``mask_dir`` is the mask
+    folder under ``root`` (``None``: :func:`default_mask_dir`). ``options`` are the
     augmentations of :class:`~attnmaps.data.base.ImageDataset` (crop_scale, rotate, color_jitter).
     """
 
@@ -62,6 +80,7 @@ class VOCDataset(ImageDataset):
         std: tuple[float, ...] = IMAGENET_STD,
         hflip: bool = False,
         num_classes_check: bool = True,
+        mask_dir: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__(image_size, mean, std, hflip, **options)
@@ -80,6 +99,11 @@ class VOCDataset(ImageDataset):
         self.class_names = self._read_class_names()
         self.num_classes = len(self.class_names) - 1
         self.num_classes_check = num_classes_check
+        self.mask_dir = self.root / (default_mask_dir(self.root, split) if mask_dir is None
+                                     else mask_dir)
+        if mask_dir is not None and not self.mask_dir.is_dir():
+            raise FileNotFoundError(f"mask folder {self.mask_dir} (mask_dir={mask_dir!r}) not "
+                                    f"found; expected a folder of <id>.png masks under {self.root}")
         self.image_paths = [find_image(self.root / "JPEGImages", i, (".jpg", ".png"))
                             for i in self.ids]
 
@@ -94,7 +118,7 @@ class VOCDataset(ImageDataset):
         return names
 
     def _read_mask(self, i: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
-        path = self.root / "SegmentationClass" / f"{self.ids[i]}.png"
+        path = self.mask_dir / f"{self.ids[i]}.png"
         if not path.is_file():
             return None
         mask = read_mask(path)
