@@ -12,7 +12,9 @@ from attnmaps.models.convert import (
     convert_state_dict,
     is_attnmaps_checkpoint,
     load_pretrained,
+    resample_patch_kernel,
     resample_pos_embed,
+    resize_matrix,
 )
 from attnmaps.models.vit import ClassTokenViT
 
@@ -245,7 +247,8 @@ def test_chunked_keys_really_are_nested():
 @pytest.mark.parametrize(("model_kw", "source_kw", "convert_kw", "words"), [
     ({"stem": "conv"}, {}, {}, ["patch_embed.proj.weight", "model.stem=linear"]),
     ({"patch_size": 2, "img_size": (16, 16)}, {}, {},
-     ["patch_embed.proj.weight", "(4, 4)", "patch_size=2", "model.patch_size=4"]),
+     ["patch_embed.proj.weight", "(4, 4)", "patch_size=2", "model.patch_size=4",
+      "adapt_patch_size"]),
     ({"embed_dim": 16}, {}, {}, ["embed_dim=32", "embed_dim=16", "model.embed_dim=32"]),
     ({"depth": 3}, {}, {}, ["blocks", "depth=2", "depth=3", "model.depth=2"]),
     ({"in_chans": 13}, {}, {}, ["in_chans=3", "in_chans=13", "model.in_chans=3",
@@ -338,3 +341,74 @@ def test_is_attnmaps_checkpoint(tmp_path):
     own = tmp_path / "own.safetensors"
     save_model(make_model(), str(own))
     assert is_attnmaps_checkpoint(own)
+
+
+def resize_each_patch(x: Tensor, patch: int, new: int) -> Tensor:
+    """Bilinearly resize every non-overlapping ``patch`` x ``patch`` patch of ``x`` on its own to
+    ``new`` x ``new`` (the resize that FlexiViT's pseudo-inverse is exact for)."""
+    b, c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    tiles = x.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    tiles = F.interpolate(tiles.reshape(-1, c, patch, patch), size=(new, new), mode="bilinear",
+                          align_corners=False)
+    tiles = tiles.reshape(b, gh, gw, c, new, new).permute(0, 3, 1, 4, 2, 5)
+    return tiles.reshape(b, c, gh * new, gw * new)
+
+
+def test_resize_matrix_matches_interpolate():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    want = F.interpolate(x[None, None], size=(4, 7), mode="bilinear", align_corners=False)
+    assert_close((resize_matrix((3, 5), (4, 7)) @ x.flatten()).reshape(4, 7), want[0, 0])
+
+
+@pytest.mark.parametrize("new_patch", [6, 8])
+def test_adapt_patch_size_enlarged_gives_source_model(new_patch):
+    sd = make_source(layer_scale=True, dinov2=True)
+    model = make_model(patch_size=new_patch, img_size=(GRID * new_patch,) * 2)
+    _, report = convert_into(model, sd, adapt_patch_size=True)
+    x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
+    ref_cls, ref_patch = reference_vit(sd, x)
+    with torch.no_grad():
+        out = model.forward_features(resize_each_patch(x, PATCH, new_patch))
+    assert_close(out["cls"][:, 0], ref_cls, rtol=1e-4, atol=1e-4)
+    assert_close(out["patch"], ref_patch, rtol=1e-4, atol=1e-4)
+    assert any(f"from 4x4 to {new_patch}x{new_patch}" in note for note in report.notes)
+
+
+def test_adapt_patch_size_shrunk_is_exact_on_block_constant_patches():
+    """16 -> 8-style halving: the bilinear resize is 2x2 average pooling, so a patch constant on
+    2x2 pixel blocks keeps its token; other patches get the least-squares kernel."""
+    sd = make_source()
+    big = torch.randn(DIM, 3, 2 * PATCH, 2 * PATCH, generator=torch.Generator().manual_seed(5))
+    sd["patch_embed.proj.weight"] = big
+    model = make_model()
+    converted, report = convert_into(model, sd, adapt_patch_size=True)
+    small = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
+    blocky = small.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    want = F.conv2d(blocky, big, sd["patch_embed.proj.bias"], stride=2 * PATCH)
+    with torch.no_grad():
+        assert_close(model.patch_embed(small), want, rtol=1e-4, atol=1e-4)
+    assert any("least squares" in note for note in report.notes)
+    # Least squares: the residual B^T w' - w is orthogonal to every B^T z.
+    b = resize_matrix((2 * PATCH,) * 2, (PATCH,) * 2)
+    residual = b.T @ converted["patch_embed.proj.weight"][0, 0].double().flatten() - \
+        big[0, 0].double().flatten()
+    assert_close(b @ residual, torch.zeros(PATCH * PATCH, dtype=torch.float64), atol=1e-4,
+                 rtol=0)
+
+
+def test_resample_patch_kernel_same_size_is_identity():
+    w = torch.randn(4, 3, PATCH, PATCH)
+    assert_close(resample_patch_kernel(w, PATCH), w)
+
+
+def test_load_pretrained_adapts_patch_size(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    sd = make_source()
+    save_file(sd, str(path))
+    model = make_model(patch_size=8, img_size=(GRID * 8,) * 2)
+    with pytest.raises(ValueError, match="adapt_patch_size"):
+        load_pretrained(path, model, num_heads=HEADS)
+    load_pretrained(path, model, num_heads=HEADS, adapt_patch_size=True)
+    assert_close(model.state_dict()["patch_embed.proj.weight"],
+                 resample_patch_kernel(sd["patch_embed.proj.weight"], 8))

@@ -58,6 +58,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"metrics written to {out}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from .pipeline import sweep_thresholds
+
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    result = sweep_thresholds(Path(args.run), thresholds, split=args.split,
+                              overrides=args.overrides)
+    for threshold, miou in result["miou_by_threshold"].items():
+        marker = "  <- best" if float(threshold) == result["best_threshold"] else ""
+        print(f"threshold {float(threshold):.2f}: mIoU {miou:.3f}{marker}")
+    print(f"written to {Path(args.run) / 'sweep.json'}")
+
+
 def _stats(args: argparse.Namespace) -> None:
     from .config import load_config
     from .data.registry import build_dataset
@@ -128,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="metrics.json path (default: PRED/metrics.json)")
     evaluate.set_defaults(func=_evaluate)
 
+    sweep = sub.add_parser("sweep", help="pseudo-mask mIoU for several background thresholds")
+    sweep.add_argument("--run", required=True, help="run directory written by 'attnmaps train'")
+    sweep.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+                       help="comma-separated thresholds in [0, 1]")
+    sweep.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
+    sweep.add_argument("overrides", nargs="*", help="overrides, e.g. pseudo.use_true_labels=true")
+    sweep.set_defaults(func=_sweep)
+
     stats = sub.add_parser("stats", help="per-channel mean/std and class frequencies of a dataset")
     stats.add_argument("--config", help="YAML config file (its data section is used)")
     stats.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
@@ -152,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"attnmaps {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

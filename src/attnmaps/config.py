@@ -50,6 +50,7 @@ class ModelConfig:
     )
     init_from: str | None = None
     adapt_channels: bool = False
+    adapt_patch_size: bool = False
 
 
 @dataclass
@@ -98,6 +99,9 @@ class PseudoMaskConfig:
     prob_threshold: float = 0.5
     use_true_labels: bool = False
     refine_iterations: int = 0
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    tta_flip: bool = False
+    crf: bool = False
 
 
 @dataclass
@@ -294,3 +298,7 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
         raise ValueError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
                          f"(class tokens in every block) up to model.depth={cfg.model.depth}")
+    scales = cfg.pseudo.tta_scales
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
+                         "positive scales, e.g. [0.75, 1.0, 1.25]")

@@ -1,20 +1,28 @@
-"""Stages that use a finished run: load it, write pseudo masks, score them."""
+"""Stages that use a finished run: load it, write pseudo masks, score them, sweep the
+background threshold."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import Dataset
 
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
 from .engine.checkpoint import checkpoint_paths, load_weights
-from .engine.evaluate import evaluate
+from .engine.evaluate import evaluate, segmentation_summary
 from .engine.train import build_model, resolve_device
+from .metrics.report import save_metrics
+from .metrics.segmentation import SegmentationMetric
 from .models.vit import ClassTokenViT
 from .pseudo_masks import save_pseudo_masks
+
+SWEEP_FILE = "sweep.json"
+METRICS_FILE = "metrics.json"
 
 
 def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, ClassTokenViT]:
@@ -39,17 +47,68 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
     """Write ``<id>.png`` pseudo masks for ``split``; returns their metrics when masks exist.
 
     ``pseudo.use_true_labels=true`` builds the masks from the ground-truth image labels (the
-    usual way to score seeds on the training split) instead of the predicted ones.
+    usual way to score seeds on the training split) instead of the predicted ones. The
+    ``pseudo.*`` settings (TTA, PAMR, CRF) apply as in :func:`~attnmaps.engine.evaluate.evaluate`.
+    When the split has ground-truth masks, the metrics are also written to
+    ``out_dir/metrics.json``: those of :func:`~attnmaps.engine.evaluate.evaluate`, with the
+    segmentation ones (``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou`` beside
+    ``class_names``, ``confusion`` with rows = ground truth) scored on the written masks.
     """
     cfg, model = load_run(run_dir, overrides)
     dataset = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
-    device = next(model.parameters()).device
+    scored = SegmentationMetric(model.num_classes + int(dataset.has_background))
 
     def save(batch: dict, probs: torch.Tensor, maps: torch.Tensor, pred: torch.Tensor) -> None:
         save_pseudo_masks(out_dir, list(batch["id"]), pred.cpu())
+        scored.update(pred.cpu(), batch["mask"])
 
-    metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks, device,
-                       batch_size=cfg.train.batch_size, has_background=dataset.has_background,
-                       on_batch=save)
-    has_masks = any(dataset[i]["has_mask"] for i in range(min(len(dataset), 8)))
-    return metrics if has_masks else None
+    metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
+                       next(model.parameters()).device, batch_size=cfg.train.batch_size,
+                       has_background=dataset.has_background, on_batch=save)
+    if not _has_masks(dataset):
+        return None
+    metrics.update(segmentation_summary(scored.compute()))
+    metrics["masks_from"] = "true image labels" if cfg.pseudo.use_true_labels else "predictions"
+    save_metrics(Path(out_dir) / METRICS_FILE, metrics)
+    return metrics
+
+
+def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | None = None,
+                     overrides: Sequence[str] = ()) -> dict:
+    """Pseudo-mask mIoU of ``split`` (default: the validation split) at each background
+    threshold, and the best; saved to ``run_dir/sweep.json``.
+
+    Masks come from the predicted image labels, or from the true ones with
+    ``pseudo.use_true_labels=true`` (the usual way to pick the threshold of training-set
+    seeds); the other ``pseudo.*`` settings apply as in
+    :func:`~attnmaps.engine.evaluate.evaluate`. Returns ``{"split", "use_true_labels",
+    "miou_by_threshold": {threshold: miou}, "best_threshold", "best_miou"}``; ties go to the
+    lowest threshold.
+    """
+    thresholds = sorted({float(t) for t in thresholds})
+    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds must be one or more values in [0, 1] (the maps are min-max "
+                         f"normalised), got {thresholds}")
+    run_dir = Path(run_dir)
+    cfg, model = load_run(run_dir, overrides)
+    split = split or cfg.data.val_split
+    dataset = build_dataset(cfg.data, split, train=False)
+    if not _has_masks(dataset):
+        raise ValueError(f"split {split!r} of {cfg.data.root} has no ground-truth masks to "
+                         "score thresholds on; pick a split with masks")
+    metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
+                       next(model.parameters()).device, batch_size=cfg.train.batch_size,
+                       has_background=dataset.has_background, sweep=thresholds)
+    by_threshold = metrics["miou_by_threshold"]
+    scored = [t for t in thresholds if not math.isnan(by_threshold[t])]
+    best = max(scored, key=by_threshold.__getitem__) if scored else None
+    result = {"split": split, "use_true_labels": cfg.pseudo.use_true_labels,
+              "miou_by_threshold": by_threshold, "best_threshold": best,
+              "best_miou": by_threshold[best] if best is not None else math.nan}
+    save_metrics(run_dir / SWEEP_FILE, result)
+    return result
+
+
+def _has_masks(dataset: Dataset) -> bool:
+    """Whether the first items of ``dataset`` (up to 8) have ground-truth masks."""
+    return any(dataset[i]["has_mask"] for i in range(min(len(dataset), 8)))

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import PseudoMaskConfig
+from ..crf import crf_pseudo_masks, images_to_uint8_range
 from ..metrics.classification import MultiLabelMetric, head_sparsity
 from ..metrics.segmentation import SegmentationMetric
 from ..models.vit import ClassTokenViT
-from ..pseudo_masks import make_pseudo_masks, upsample_maps
+from ..pseudo_masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
 from ..refine import pamr
+from ..tta import tta_predict
 from .acceleration import autocast
 from .distributed import is_distributed, shard_indices
 
@@ -41,12 +44,19 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     """Score ``model`` on ``dataset``.
 
     Returns classifier metrics (``map``, ``exact_match``, ``label_accuracy``, ``f1``), pseudo-mask
-    metrics from predicted labels (``miou``, ``pixel_acc``, ``per_class_iou``), from the true image
-    labels (``miou_true_labels``), on images with two or more classes (``miou_multi_class``),
-    the mean class-map correlation and the head sparsity (% of heads closed). With
-    ``settings.refine_iterations`` the upsampled maps are refined by :func:`pamr` first.
-    ``sweep`` lists extra binarisation thresholds, scored into ``miou_by_threshold`` (from the
-    true labels when ``settings.use_true_labels`` is set, else from predicted ones).
+    metrics from predicted labels (``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``,
+    ``confusion`` [L,L] with rows = ground truth, and ``class_names`` when the dataset names its
+    L mask values), from the true image labels (``miou_true_labels``), on images with two or
+    more classes (``miou_multi_class``), the mean class-map correlation and the head sparsity
+    (% of heads closed). ``sweep`` lists extra binarisation thresholds, scored into
+    ``miou_by_threshold`` (from the true labels when ``settings.use_true_labels`` is set, else
+    from predicted ones).
+
+    Settings: ``tta_scales`` / ``tta_flip`` average the maps and probabilities over scales and
+    mirror images (:func:`~attnmaps.tta.tta_predict`); ``refine_iterations`` refines the
+    upsampled maps by :func:`pamr`; ``crf`` refines every pseudo mask (swept ones too) by
+    :func:`~attnmaps.crf.crf_pseudo_masks`, on the images de-normalised with the dataset's
+    ``mean`` / ``std`` (needs the ``pydensecrf2`` extra; meant for 8-bit images).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its masks
     come from the true labels when ``settings.use_true_labels`` is set, else from predictions.
     ``precision="bf16"`` runs the model under bf16 autocast (maps and scores are float32 after).
@@ -61,30 +71,33 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     num_labels = k + 1 if has_background else k
     blocks = model.resolve_attn_blocks(attn_blocks)
     classifier = MultiLabelMetric(k, threshold=settings.prob_threshold)
-    seg_pred, seg_true, seg_multi = (SegmentationMetric(num_labels, device=device) for _ in range(3))
+    seg_pred, seg_true, seg_multi = (SegmentationMetric(num_labels, device=device)
+                                     for _ in range(3))
     swept = {t: SegmentationMetric(num_labels, device=device) for t in sweep}
     corr = torch.zeros(2, dtype=torch.float64, device=device)  # sum, count
+    names = getattr(_unwrap(dataset), "class_names", None)
+    pixel_stats = _pixel_stats(dataset) if settings.crf else None
     if is_distributed():
         dataset = Subset(dataset, shard_indices(len(dataset)))
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = batch["image"].to(device), batch["labels"].to(device)
         masks = batch["mask"].to(device)
         with autocast(precision, device):
-            logits, maps = model.predict(images, blocks)
+            logits, maps = tta_predict(model, images, settings.tta_scales, settings.tta_flip,
+                                       blocks)
         probs = logits.float().sigmoid()
         maps = maps.float()
         size = tuple(images.shape[-2:])
         full = upsample_maps(maps, size)
         if settings.refine_iterations:
             full = pamr(images, full, settings.refine_iterations)
-        kwargs = {"threshold": settings.threshold, "has_background": has_background,
-                  "prob_threshold": settings.prob_threshold}
-        pred = make_pseudo_masks(full, probs, size, **kwargs)
-        true = make_pseudo_masks(full, probs, size, labels=labels, **kwargs)
+        colours = None if pixel_stats is None else images_to_uint8_range(images, *pixel_stats)
+        kwargs = {"settings": settings, "has_background": has_background, "colours": colours}
+        pred = _pseudo_masks(full, probs, settings.threshold, None, **kwargs)
+        true = _pseudo_masks(full, probs, settings.threshold, labels, **kwargs)
         for t, metric in swept.items():
             swept_labels = labels if settings.use_true_labels else None
-            metric.update(make_pseudo_masks(full, probs, size, labels=swept_labels,
-                                            **{**kwargs, "threshold": t}), masks)
+            metric.update(_pseudo_masks(full, probs, t, swept_labels, **kwargs), masks)
         classifier.update(probs.cpu(), labels.cpu())
         seg_pred.update(pred, masks)
         seg_true.update(true, masks)
@@ -101,7 +114,9 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     if is_distributed():
         torch.distributed.all_reduce(corr)
     result = classifier.compute()
-    result.update(_segmentation_summary(seg_pred.compute()))
+    result.update(segmentation_summary(seg_pred.compute()))
+    if names is not None and len(names) == num_labels:
+        result["class_names"] = list(names)
     result["miou_true_labels"] = seg_true.compute()["miou"]
     result["miou_multi_class"] = seg_multi.compute()["miou"]
     result["class_map_correlation"] = corr[0].item() / max(corr[1].item(), 1.0)
@@ -110,5 +125,40 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     return result
 
 
-def _segmentation_summary(metrics: dict) -> dict:
-    return {key: metrics[key] for key in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
+def _pseudo_masks(full: Tensor, probs: Tensor, threshold: float, labels: Tensor | None, *,
+                  settings: PseudoMaskConfig, has_background: bool,
+                  colours: np.ndarray | None) -> Tensor:
+    """Pseudo masks from image-size maps at ``threshold``, CRF-refined on ``colours`` when
+    given."""
+    masks = make_pseudo_masks(full, probs, tuple(full.shape[-2:]), threshold=threshold,
+                              labels=labels, has_background=has_background,
+                              prob_threshold=settings.prob_threshold)
+    if colours is None:
+        return masks
+    selected = select_classes(probs, labels, settings.prob_threshold)
+    return crf_pseudo_masks(colours, normalize_maps(full), selected, masks, threshold,
+                            has_background)
+
+
+def segmentation_summary(metrics: dict) -> dict:
+    """The reported keys of :meth:`SegmentationMetric.compute`, the confusion as nested lists."""
+    summary = {key: metrics[key] for key in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
+    summary["confusion"] = metrics["confusion"].tolist()
+    return summary
+
+
+def _unwrap(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _pixel_stats(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """The per-channel ``mean`` and ``std`` the dataset normalised its images with."""
+    base = _unwrap(dataset)
+    mean, std = getattr(base, "mean", None), getattr(base, "std", None)
+    if mean is None or std is None:
+        raise ValueError(f"pseudo.crf needs the images' colours, but {type(base).__name__} has "
+                         "no per-channel mean/std to undo its normalisation; set "
+                         "pseudo.crf=false")
+    return torch.as_tensor(mean).flatten(), torch.as_tensor(std).flatten()

@@ -96,7 +96,8 @@ def init_weights(cfg: ModelConfig, model: ClassTokenViT) -> None:
     if is_attnmaps_checkpoint(path):
         load_weights(path, model)
         return
-    report = load_pretrained(path, model, adapt_channels=cfg.adapt_channels)
+    report = load_pretrained(path, model, adapt_channels=cfg.adapt_channels,
+                             adapt_patch_size=cfg.adapt_patch_size)
     if is_main_process():
         tqdm.write(str(report))
 
@@ -295,7 +296,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         metrics["images_per_second"] = images_per_second
         rng_by_rank = gather_objects(capture_rng_state())
         if ctx.is_main:
-            append_log(log_path, {"epoch": epoch, "step": step, "eval": metrics})
+            summary = {key: value for key, value in metrics.items() if key != "confusion"}
+            append_log(log_path, {"epoch": epoch, "step": step, "eval": summary})
             extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
             save_checkpoint(run_dir, model, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -24,6 +24,12 @@ the source grid, the converted model's class-token and patch outputs equal the s
 * ``adapt_channels=True`` maps an RGB stem to C input channels by giving every channel the
   channel-sum of the source filter divided by C (the mean RGB filter scaled by 3/C), so an
   image whose C channels all equal a grey image responds as the source did to that grey image.
+* ``adapt_patch_size=True`` resamples the patch kernel to the model's patch size by the
+  pseudo-inverse resize of FlexiViT (Beyer et al., CVPR 2023), see
+  :func:`resample_patch_kernel`: a patch resized (bilinearly) to the new size gives the token
+  the source gave the original patch. Exact when enlarging the patch (e.g. 14 -> 16); when
+  shrinking it (16 -> 14 or 8) a least-squares fit, exact only for patches that are themselves
+  the adjoint resize of a small patch (for 16 -> 8, those constant on 2x2 pixel blocks).
 
 Example::
 
@@ -43,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
@@ -150,8 +157,34 @@ def _mismatch(key: str, source: Any, model: Any, setting: str) -> ValueError:
                       f"{model}; set {setting}")
 
 
+def resize_matrix(old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """The matrix [new_h*new_w, old_h*old_w] (float64) of bilinear resizing (``align_corners=
+    False``, no antialiasing, as ``F.interpolate``) of a flattened ``old`` image to ``new``."""
+    count = old[0] * old[1]
+    basis = torch.eye(count, dtype=torch.float64).reshape(count, 1, *old)
+    resized = F.interpolate(basis, size=new, mode="bilinear", align_corners=False)
+    return resized.reshape(count, -1).T
+
+
+def resample_patch_kernel(weight: Tensor, patch_size: int) -> Tensor:
+    """Patch-embedding kernel [D,C,p,p] resampled to [D,C,q,q] by pseudo-inverse resize.
+
+    With ``B`` the bilinear resize matrix from p x p to q x q patches, the new kernel is
+    ``w' = pinv(B^T) w``, the least-squares solution of ``<w', B x> = <w, x>`` for all
+    patches ``x``; exact when ``q >= p`` (``B`` has full column rank).
+
+    Example:
+        >>> resample_patch_kernel(torch.randn(8, 3, 16, 16), 14).shape
+        torch.Size([8, 3, 14, 14])
+    """
+    old = tuple(weight.shape[-2:])
+    pinv = torch.linalg.pinv(resize_matrix(old, (patch_size, patch_size)).T)
+    resampled = weight.flatten(2).double() @ pinv.T
+    return resampled.reshape(*weight.shape[:2], patch_size, patch_size).to(weight.dtype)
+
+
 def _check_fits(src: dict[str, Tensor], model: ClassTokenViT, adapt_channels: bool,
-                 num_heads: int | None) -> list[str]:
+                adapt_patch_size: bool, num_heads: int | None) -> list[str]:
     """Raise on a model shape that cannot take the checkpoint; return notes."""
     if _PATCH_KEY not in model.state_dict():
         raise ValueError(f"Pretrained ViTs have a linear patch embedding ({_PATCH_KEY!r}) but the "
@@ -161,10 +194,16 @@ def _check_fits(src: dict[str, Tensor], model: ClassTokenViT, adapt_channels: bo
     if dim != model.pos_embed.shape[-1]:
         raise _mismatch(_PATCH_KEY, f"embed_dim={dim}", f"embed_dim={model.pos_embed.shape[-1]}",
                         f"model.embed_dim={dim}")
-    if tuple(weight.shape[-2:]) != (model.patch_size,) * 2:
-        raise _mismatch(_PATCH_KEY, f"patch size {tuple(weight.shape[-2:])}",
-                        f"patch_size={model.patch_size}", f"model.patch_size={patch}")
     notes = []
+    if tuple(weight.shape[-2:]) != (model.patch_size,) * 2:
+        if not adapt_patch_size or weight.shape[-2] != weight.shape[-1]:
+            raise _mismatch(_PATCH_KEY, f"patch size {tuple(weight.shape[-2:])}",
+                            f"patch_size={model.patch_size}",
+                            f"model.patch_size={patch}, or pass adapt_patch_size=True to "
+                            "resample the square kernel")
+        notes.append(f"patch embedding resampled from {patch}x{patch} to {model.patch_size}x"
+                     f"{model.patch_size} pixels (FlexiViT pseudo-inverse resize"
+                     f"{'' if model.patch_size >= patch else ', least squares when shrinking'})")
     if chans != model.in_chans:
         if not adapt_channels:
             raise _mismatch(_PATCH_KEY, f"in_chans={chans}", f"in_chans={model.in_chans}",
@@ -219,7 +258,7 @@ def _prefix_slots(pos_len: int, candidates: tuple[int, ...]) -> tuple[int, tuple
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model: ClassTokenViT, *,
-                       adapt_channels: bool = False,
+                       adapt_channels: bool = False, adapt_patch_size: bool = False,
                        num_heads: int | None = None) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map a timm / DeiT / DINO / DINOv2 ViT state dict onto ``model``'s keys.
 
@@ -228,6 +267,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ClassTokenViT, *,
         model: the target; must use ``stem="linear"`` and the source's patch size, width, depth,
             heads and MLP ratio.
         adapt_channels: allow ``model.in_chans`` to differ from the source's input channels.
+        adapt_patch_size: allow ``model.patch_size`` to differ from the source's (square)
+            patch size; the kernel is resampled by :func:`resample_patch_kernel`.
         num_heads: the source's heads; ``None`` assumes the standard heads of its width
             (:data:`STANDARD_HEADS`) and skips the check for other widths.
 
@@ -240,11 +281,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ClassTokenViT, *,
     if prefix:
         notes.append(f"used the keys under the prefix {prefix!r}")
     src = _Source(selected)
-    notes += _check_fits(src, model, adapt_channels, num_heads)
+    notes += _check_fits(src, model, adapt_channels, adapt_patch_size, num_heads)
     source = "dinov2" if "mask_token" in src or "register_tokens" in src else "timm"
 
     out: dict[str, Tensor] = {}
     weight = src.take(_PATCH_KEY)
+    if weight.shape[-1] != model.patch_size:
+        weight = resample_patch_kernel(weight, model.patch_size)
     if weight.shape[1] != model.in_chans:
         weight = weight.sum(1, keepdim=True).expand(-1, model.in_chans, -1, -1) / model.in_chans
     out[_PATCH_KEY] = weight
@@ -328,8 +371,8 @@ def _convert_tokens(src: _Source, model: ClassTokenViT, out: dict[str, Tensor]) 
         out["reg_tokens"] = regs
     elif num_cls:
         out["reg_tokens"] = out["cls_tokens"][:, :1].expand(1, model.num_registers, dim).clone()
-        notes.append(f"the model's register tokens ({model.num_registers}) start from the cls_token "
-                     f"(+ its position embedding) because the checkpoint has {num_regs}")
+        notes.append(f"the model's register tokens ({model.num_registers}) start from the "
+                     f"cls_token (+ its position embedding) because the checkpoint has {num_regs}")
     return notes
 
 
@@ -369,14 +412,17 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
 
 
 def load_pretrained(path: str | Path, model: ClassTokenViT, adapt_channels: bool = False,
-                    num_heads: int | None = None) -> ConversionReport:
+                    num_heads: int | None = None,
+                    adapt_patch_size: bool = False) -> ConversionReport:
     """Convert a foreign ViT checkpoint file (see :func:`convert_state_dict`) into ``model``.
 
     The model's head, gates and anything else the converter does not produce keep their
     initialisation; every backbone tensor must come from the checkpoint, else ``ValueError``.
     """
     converted, report = convert_state_dict(read_checkpoint(path), model,
-                                           adapt_channels=adapt_channels, num_heads=num_heads)
+                                           adapt_channels=adapt_channels,
+                                           adapt_patch_size=adapt_patch_size,
+                                           num_heads=num_heads)
     missing = [k for k in report.fresh if _is_backbone(k)]
     if missing:
         raise ValueError(f"{path} lacks backbone tensors for {_summarise(missing)}; is it a "
