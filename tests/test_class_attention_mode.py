@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.testing import assert_close
+from vit_helpers import randomise
 
 from attnmaps.attention import class_token_maps
 from attnmaps.models.vit import ClassTokenViT, GatedAttention, parse_attn_blocks
@@ -26,15 +26,6 @@ def make_model(**overrides) -> ClassTokenViT:
     cfg.update(overrides)
     torch.manual_seed(0)
     return ClassTokenViT(**cfg)
-
-
-def randomise(model: nn.Module, std: float = 0.3) -> nn.Module:
-    """Large random parameters so attention is far from uniform and heads differ."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
 
 
 def closed_form_gate(log_alpha: torch.Tensor) -> torch.Tensor:

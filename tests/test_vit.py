@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
+from vit_helpers import randomise
 
 from attnmaps.models.vit import (
     ClassTokenViT,
@@ -25,15 +26,6 @@ def make_model(**overrides) -> ClassTokenViT:
     cfg.update(overrides)
     torch.manual_seed(0)
     return ClassTokenViT(**cfg)
-
-
-def randomise(model: nn.Module, std: float = 0.3) -> nn.Module:
-    """Large random parameters so attention is far from uniform and heads differ."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
 
 
 def set_gates(model: ClassTokenViT, per_block: list[list[float]]) -> None:
