@@ -124,3 +124,24 @@ def test_tiny_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
         sum(r["accuracy"] for r in report["runs"]["camal"]) / 2)
     with pytest.raises(ValueError, match="unknown guidance methods"):
         run_guide_bench(BenchConfig(methods=["nope"]), tmp_path)
+
+
+def test_welch_leaves_out_nan_and_constant_samples() -> None:
+    a, b = [0.61, 0.64, math.nan, 0.58], [0.40, 0.52, 0.47]
+    assert welch_t_test(a, b) == pytest.approx(welch_t_test([0.61, 0.64, 0.58], b))
+    assert math.isnan(welch_t_test([1.0, 1.0], [0.0, 0.0])[1])
+
+
+def test_gain_erased_pass_leaves_batchnorm_statistics_alone() -> None:
+    from attnmaps.guide.methods import batchnorm_eval
+
+    torch.manual_seed(3)
+    net = GAPConvNet(num_classes=4).train()
+    bn = net.features[1]
+    before = bn.running_mean.clone()
+    with batchnorm_eval(net):
+        net(torch.randn(4, 3, 32, 32) + 5.0)
+        assert not bn.training
+    assert torch.equal(bn.running_mean, before) and bn.training
+    net(torch.randn(4, 3, 32, 32) + 5.0)
+    assert not torch.equal(bn.running_mean, before)

@@ -212,3 +212,19 @@ def test_no_guidance_is_zero_with_grad():
     assert value.item() == 0.0 and value.requires_grad
     value.backward()
     assert maps.grad.abs().sum() == 0
+
+
+def test_invalid_pixels_are_left_out_of_every_term() -> None:
+    from attnmaps.losses import CAMALLoss, L1MapLoss
+
+    maps = torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])  # max 1, so A = map
+    masks = torch.tensor([[[True, False], [False, False]]])
+    valid = torch.tensor([[[True, True], [True, False]]])  # the bright pixel (1, 1) is ignored
+    has = torch.tensor([True])
+    # inside {(0,0)}: 1 - 1 = 0; outside {(0,1), (1,0)}: (0.5 + 0) / 2
+    assert CAMALLoss()(maps, masks, has, valid).item() == pytest.approx(0.25)
+    assert CAMALLoss()(maps, masks, has).item() == pytest.approx(0.5)
+    assert CAMALLoss(form="energy")(maps, masks, has, valid).item() == pytest.approx(1 - 1 / 1.5)
+    assert L1MapLoss()(maps, masks, has, valid).item() == pytest.approx((0 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        CAMALLoss()(maps, masks, has, valid[0])

@@ -111,3 +111,33 @@ def test_training_with_a_mask_fraction_logs_the_guide_loss(tmp_path: Path) -> No
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     guides = [r["guide"] for r in records if "guide" in r]
     assert len(guides) == 2 and all(g > 0 for g in guides)
+
+
+def test_present_classes_without_mask_pixels_and_ignore_pixels_are_left_out() -> None:
+    model, batch = small_model(), batch_with_masks([True, True])
+    batch["labels"] = torch.tensor([[1.0, 1.0, 0], [0, 0, 1.0]])  # class 1 absent from mask 0
+    batch["mask"][1, 8:, :4] = 255  # ignore band next to image 1's object
+    cfg = TrainConfig(gate_lambda=0.0, mask_fraction=0.5)
+    parts = WSSSObjective(cfg, [0, 1], has_background=True)(model, batch, "cpu")
+    _, maps = model.predict(batch["image"], [0, 1])
+    full = max_normalise(F.interpolate(maps, size=(16, 16), mode="bilinear", align_corners=False))
+    expected = []
+    for image, cls in ((0, 0), (1, 2)):
+        a, mask = full[image, cls], batch["mask"][image]
+        inside, outside = mask == cls + 1, (mask != cls + 1) & (mask != 255)
+        expected.append((1 - a[inside]).mean() + a[outside].mean())
+    torch.testing.assert_close(parts["guide"], torch.stack(expected).mean())
+
+
+def test_guide_is_scaled_so_that_ddp_averaging_gives_the_global_mean(monkeypatch) -> None:
+    from attnmaps.engine import objective
+
+    model, batch = small_model(), batch_with_masks([True, False])
+    cfg = TrainConfig(gate_lambda=0.0, mask_fraction=0.5)
+    single = WSSSObjective(cfg, [1], True)(model, batch, "cpu")["guide"]
+    # Two ranks: this one holds the only guided map, the other none (global count stays 1).
+    monkeypatch.setattr(objective.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(objective.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(objective.dist, "all_reduce", lambda tensor: None)
+    scaled = WSSSObjective(cfg, [1], True)(model, batch, "cpu")["guide"]
+    torch.testing.assert_close(scaled, 2 * single)  # DDP halves it when averaging two ranks

@@ -1,7 +1,8 @@
 """Mask-guided attention losses: pull a model's class maps inside the object mask.
 
 Every loss takes ``maps`` [B, K, h, w] (or [B, h, w]), binary ``masks`` [B, K, H, W] (or
-[B, H, W]; bool or float in [0, 1], 1 = object) and ``has_mask`` [B] (or [B, K]) bool. Maps are
+[B, H, W]; bool or float in [0, 1], 1 = object), ``has_mask`` [B] (or [B, K]) bool and optionally
+``valid`` [B, H, W] bool, False on pixels to leave out of every term (e.g. label 255). Maps are
 resized bilinearly to the mask size when sizes differ. Each map gets a loss, and the result is the
 mean over the maps whose ``has_mask`` entry is True; the others contribute nothing, and with none
 the loss is exactly 0 while staying in the graph. Pass ``has_mask[:, None] & labels.bool()`` to
@@ -64,11 +65,13 @@ def masked_mean(values: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
 class MaskGuidedLoss(nn.Module):
     """Base class: checks and aligns the inputs, averages :meth:`map_losses` over guided maps."""
 
-    def map_losses(self, maps: Tensor, masks: Tensor) -> Tensor:
-        """Loss of every map, [B, K], from float maps and masks of equal shape [B, K, H, W]."""
+    def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
+        """Loss of every map, [B, K], from float maps and masks [B, K, H, W] and the float
+        pixel weights ``valid`` [B, 1, H, W] (1 = counts, 0 = left out)."""
         raise NotImplementedError
 
-    def forward(self, maps: Tensor, masks: Tensor, has_mask: Tensor) -> Tensor:
+    def forward(self, maps: Tensor, masks: Tensor, has_mask: Tensor,
+                valid: Tensor | None = None) -> Tensor:
         if maps.ndim not in (3, 4) or masks.ndim != maps.ndim or masks.shape[:-2] != maps.shape[:-2]:
             raise ValueError(f"expected maps and masks [B, K, h, w] / [B, K, H, W] or [B, h, w] / "
                              f"[B, H, W], got {tuple(maps.shape)} and {tuple(masks.shape)}")
@@ -83,10 +86,17 @@ class MaskGuidedLoss(nn.Module):
         maps = maps.float()
         if maps.shape[-2:] != masks.shape[-2:]:
             maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        valid = has_mask.to(maps.device, torch.float32)
-        valid = valid.view(-1, 1).expand(maps.shape[:2]) if valid.ndim == 1 else valid
-        losses = self.map_losses(maps, masks.to(maps.device, torch.float32))
-        return (losses * valid).sum() / valid.sum().clamp_min(1.0)
+        if valid is None:
+            pixels = maps.new_ones((maps.shape[0], 1, *masks.shape[-2:]))
+        elif valid.shape != (maps.shape[0], *masks.shape[-2:]):
+            raise ValueError(f"valid must have shape [B, H, W] = "
+                             f"{(maps.shape[0], *masks.shape[-2:])}, got {tuple(valid.shape)}")
+        else:
+            pixels = valid.to(maps.device, torch.float32).unsqueeze(1)
+        guided = has_mask.to(maps.device, torch.float32)
+        guided = guided.view(-1, 1).expand(maps.shape[:2]) if guided.ndim == 1 else guided
+        losses = self.map_losses(maps, masks.to(maps.device, torch.float32), pixels)
+        return (losses * guided).sum() / guided.sum().clamp_min(1.0)
 
 
 class CAMALLoss(MaskGuidedLoss):
@@ -108,14 +118,14 @@ class CAMALLoss(MaskGuidedLoss):
         self.eps = eps
         self.form = form
 
-    def map_losses(self, maps: Tensor, masks: Tensor) -> Tensor:
+    def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
         if self.form == "energy":
-            positive = F.relu(maps)
+            positive = F.relu(maps) * valid
             inside = (positive * masks).sum(SPATIAL)
             return 1 - inside / positive.sum(SPATIAL).clamp_min(self.eps)
         normalised = max_normalise(maps, self.eps)
-        inside = masked_mean(1 - normalised, masks, self.eps)
-        outside = masked_mean(normalised, 1 - masks, self.eps)
+        inside = masked_mean(1 - normalised, masks * valid, self.eps)
+        outside = masked_mean(normalised, (1 - masks) * valid, self.eps)
         return self.inside_weight * inside + self.outside_weight * outside
 
 
@@ -129,8 +139,9 @@ class GAINLoss(MaskGuidedLoss):
         self.sigma = sigma
         self.eps = eps
 
-    def map_losses(self, maps: Tensor, masks: Tensor) -> Tensor:
-        return (soft_mask(maps, self.omega, self.sigma, self.eps) - masks).pow(2).mean(SPATIAL)
+    def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
+        error = (soft_mask(maps, self.omega, self.sigma, self.eps) - masks).pow(2)
+        return masked_mean(error, valid.expand_as(error), self.eps)
 
 
 def attention_mining_loss(masked_scores: Tensor, labels: Tensor) -> Tensor:
@@ -147,8 +158,9 @@ class L1MapLoss(MaskGuidedLoss):
         super().__init__()
         self.eps = eps
 
-    def map_losses(self, maps: Tensor, masks: Tensor) -> Tensor:
-        return (max_normalise(maps, self.eps) - masks).abs().mean(SPATIAL)
+    def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
+        error = (max_normalise(maps, self.eps) - masks).abs()
+        return masked_mean(error, valid.expand_as(error), self.eps)
 
 
 class RRRLoss(MaskGuidedLoss):
@@ -163,15 +175,16 @@ class RRRLoss(MaskGuidedLoss):
         super().__init__()
         self.weight = weight
 
-    def map_losses(self, maps: Tensor, masks: Tensor) -> Tensor:
-        return self.weight * (maps * (1 - masks)).sum(SPATIAL)
+    def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
+        return self.weight * (maps * (1 - masks) * valid).sum(SPATIAL)
 
-    def forward(self, input_grads: Tensor, masks: Tensor, has_mask: Tensor) -> Tensor:
+    def forward(self, input_grads: Tensor, masks: Tensor, has_mask: Tensor,
+                valid: Tensor | None = None) -> Tensor:
         if input_grads.ndim != 4 or masks.ndim != 3 or masks.shape != (
                 input_grads.shape[:1] + input_grads.shape[2:]):
             raise ValueError(f"RRRLoss expects input_grads [B, C, H, W] and masks [B, H, W] of the "
                              f"same size, got {tuple(input_grads.shape)} and {tuple(masks.shape)}")
-        return super().forward(input_grads.pow(2).sum(1), masks, has_mask)
+        return super().forward(input_grads.pow(2).sum(1), masks, has_mask, valid)
 
 
 def input_gradient(model: nn.Module, images: Tensor, create_graph: bool = True,

@@ -50,3 +50,12 @@ class MaskBudget(Dataset):
     def num_masked(self) -> int:
         """How many images are chosen to keep their masks."""
         return int(self.keep.sum())
+
+    def require_masks(self, sample: int = 8) -> None:
+        """Raise ValueError when none of the first ``sample`` chosen images has a mask (a split
+        without masks would otherwise train with a guidance term that is always 0)."""
+        chosen = self.keep.nonzero()[:sample, 0].tolist()
+        if chosen and not any(self.dataset[i]["has_mask"] for i in chosen):
+            raise ValueError(
+                f"train.mask_fraction > 0 but none of {len(chosen)} chosen training images has a "
+                "mask; give a training split with masks or set train.mask_fraction=0")

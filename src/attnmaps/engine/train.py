@@ -196,8 +196,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (on every
-    process; the metrics are the same on all). Epochs before the last are scored without PAMR
-    refinement, which is slow and only changes the masks. Under torchrun the process group is
+    process; the metrics are the same on all). Epochs before the last are scored without PAMR,
+    CRF and test-time augmentation, which are slow and only change the masks. Under torchrun the process group is
     created from the environment and destroyed on return or on an exception; a process group
     that the caller already initialised is used and left open.
     """
@@ -227,6 +227,7 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         # A seed apart from the epoch orders' (seed * 100003 + epoch), or the images with masks
         # would be exactly the first batches of epoch 0.
         train_set = MaskBudget(train_set, cfg.train.mask_fraction, seed=cfg.train.seed + 7_777_777)
+        train_set.require_masks()
     model = build_model(cfg.model, train_set.num_classes)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
@@ -289,7 +290,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                              / (time.time() - started))
         sync_buffers(model)
         last = epoch == cfg.train.epochs - 1
-        settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0)
+        settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
+                                                   tta_scales=[1.0], tta_flip=False)
         metrics = evaluate(model, val_set, settings, cfg.model.attn_blocks, device,
                            batch_size=batch_size, has_background=val_set.has_background,
                            precision=cfg.train.precision)

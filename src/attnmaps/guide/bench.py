@@ -70,6 +70,9 @@ def train_method(method: str, seed: int, data: CueSplit, cfg: BenchConfig) -> GA
     device = torch.device(cfg.device)
     model = GAPConvNet(num_classes=4).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"num_train={len(data)} is smaller than batch_size={cfg.batch_size}; "
+                         "no training step would run")
     steps = cfg.epochs * (len(data) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     loss_fn = method_loss(method)

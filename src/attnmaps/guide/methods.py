@@ -7,11 +7,12 @@ Every method returns ``(cross_entropy, guidance)``; the map it guides is the tru
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..attention import grad_cam
 from ..losses import (
@@ -45,7 +46,24 @@ def _none(model, images, labels, masks, has_mask):
     return F.cross_entropy(logits, labels), logits.sum() * 0.0
 
 
+@contextmanager
+def batchnorm_eval(model: nn.Module) -> Iterator[None]:
+    """Inside the block, BatchNorm layers in training mode use and keep their running statistics."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training]
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
+
+
 def _rrr(model, images, labels, masks, has_mask):
+    # The input gradient is taken in training mode, as the cross-entropy is: BatchNorm's batch
+    # statistics then couple the images of a batch (RRR itself was defined for networks without
+    # BatchNorm).
     grads = input_gradient(model, images, multilabel=False)
     return F.cross_entropy(model(images), labels), RRRLoss()(grads, masks, has_mask)
 
@@ -55,7 +73,8 @@ def _gain(model, images, labels, masks, has_mask):
     external = GAINLoss()(maps, masks, has_mask)
     erase = F.interpolate(soft_mask(maps.unsqueeze(1)), size=images.shape[-2:], mode="bilinear",
                           align_corners=False)
-    erased_scores = model(images * (1 - erase))
+    with batchnorm_eval(model):  # erased images must not shift the running statistics
+        erased_scores = model(images * (1 - erase))
     mining = attention_mining_loss(erased_scores, F.one_hot(labels, erased_scores.shape[1]))
     return F.cross_entropy(model(images), labels), external + mining
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 from scipy import stats
 
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Two-sided Welch t statistic and p-value of mean(a) != mean(b).
+    """Two-sided Welch t statistic and p-value of mean(a) != mean(b), NaN values left out.
 
-    NaN p-value when either sample has fewer than two values or both have zero variance.
+    NaN when either sample has fewer than two values or both have zero variance.
     """
-    if len(a) < 2 or len(b) < 2:
+    a, b = [v for v in a if not math.isnan(v)], [v for v in b if not math.isnan(v)]
+    if len(a) < 2 or len(b) < 2 or (statistics.variance(a) == 0 and statistics.variance(b) == 0):
         return math.nan, math.nan
-    result = stats.ttest_ind(list(a), list(b), equal_var=False)
+    result = stats.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.pvalue)
 
 

@@ -398,8 +398,13 @@ class ClassTokenViT(nn.Module):
         closed falls back to the mean over all its heads.
         """
         k, n = self.num_classes, grid[0] * grid[1]
+        indices = self.resolve_attn_blocks(attn_blocks)
+        if len(attn) != len(indices):
+            raise ValueError(f"class_maps got attention rows of {len(attn)} blocks for "
+                             f"attn_blocks={attn_blocks!r} ({len(indices)} blocks); pass the "
+                             "attn_blocks the forward pass was run with")
         maps = []
-        for rows, index in zip(attn, self.resolve_attn_blocks(attn_blocks)):
+        for rows, index in zip(attn, indices):
             patch_rows = rows[..., k:k + n]
             open_heads = (self.blocks[index].attn.head_weights() > 0).to(patch_rows.dtype)
             if open_heads.sum() == 0:
