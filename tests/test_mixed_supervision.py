@@ -141,3 +141,13 @@ def test_guide_is_scaled_so_that_ddp_averaging_gives_the_global_mean(monkeypatch
     monkeypatch.setattr(objective.dist, "all_reduce", lambda tensor: None)
     scaled = WSSSObjective(cfg, [1], True)(model, batch, "cpu")["guide"]
     torch.testing.assert_close(scaled, 2 * single)  # DDP halves it when averaging two ranks
+
+
+def test_a_mask_fraction_on_a_split_without_masks_is_an_error() -> None:
+    class NoMasks(Items):
+        def __getitem__(self, i: int) -> dict:
+            return {**super().__getitem__(i), "has_mask": False}
+
+    MaskBudget(Items(), 0.5).require_masks()
+    with pytest.raises(ValueError, match="train.mask_fraction"):
+        MaskBudget(NoMasks(), 0.5).require_masks()
