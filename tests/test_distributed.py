@@ -125,7 +125,7 @@ def ddp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         proc.join()
     assert not hung, f"distributed workers still running after {TIMEOUT_S} s"
     assert [proc.exitcode for proc in procs] == [0] * WORLD, "a worker failed (see its stderr)"
-    return out, [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return out, [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -134,7 +134,10 @@ def _log(run_dir: Path) -> list[dict]:
 
 def _assert_metrics_equal(actual: dict, expected: dict, rel: float) -> None:
     for key in COMPARED:
-        assert actual[key] == pytest.approx(expected[key], rel=rel, abs=1e-12, nan_ok=True), key
+        # The correlation is a float32 reduction whose rounding depends on the batch shapes.
+        tolerance = max(rel, 1e-4) if key == "class_map_correlation" else rel
+        assert actual[key] == pytest.approx(expected[key], rel=tolerance, abs=1e-12,
+                                            nan_ok=True), key
 
 
 @pytest.mark.slow
