@@ -33,6 +33,8 @@ def plot(summary: dict, fractions: list[float], path: Path) -> None:
         stds = [summary[f"{f:g}"][key][1] for f in fractions]
         ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=label)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.minorticks_off()
     ax.set_xlabel("training images with masks (%)")
     ax.set_ylabel("pseudo-mask mIoU (held-out)")
     ax.grid(alpha=0.3)
