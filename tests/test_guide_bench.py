@@ -133,15 +133,15 @@ def test_welch_leaves_out_nan_and_constant_samples() -> None:
 
 
 def test_gain_erased_pass_leaves_batchnorm_statistics_alone() -> None:
-    from attnmaps.guide.methods import batchnorm_eval
+    from attnmaps.guide.methods import frozen_running_stats
 
     torch.manual_seed(3)
     net = GAPConvNet(num_classes=4).train()
     bn = net.features[1]
     before = bn.running_mean.clone()
-    with batchnorm_eval(net):
-        net(torch.randn(4, 3, 32, 32) + 5.0)
-        assert not bn.training
-    assert torch.equal(bn.running_mean, before) and bn.training
-    net(torch.randn(4, 3, 32, 32) + 5.0)
+    x = torch.randn(4, 3, 32, 32) + 5.0
+    with frozen_running_stats(net):
+        inside = net(x)
+    assert torch.equal(bn.running_mean, before) and bn.momentum == 0.1
+    torch.testing.assert_close(inside, net(x))  # still batch statistics, as in training
     assert not torch.equal(bn.running_mean, before)

@@ -47,17 +47,18 @@ def _none(model, images, labels, masks, has_mask):
 
 
 @contextmanager
-def batchnorm_eval(model: nn.Module) -> Iterator[None]:
-    """Inside the block, BatchNorm layers in training mode use and keep their running statistics."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              and m.training]
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Inside the block, BatchNorm layers still normalise with batch statistics (in training)
+    but leave their running statistics unchanged (momentum 0)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
     for layer in layers:
-        layer.eval()
+        layer.momentum = 0.0
     try:
         yield
     finally:
-        for layer in layers:
-            layer.train()
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
 
 
 def _rrr(model, images, labels, masks, has_mask):
@@ -73,7 +74,7 @@ def _gain(model, images, labels, masks, has_mask):
     external = GAINLoss()(maps, masks, has_mask)
     erase = F.interpolate(soft_mask(maps.unsqueeze(1)), size=images.shape[-2:], mode="bilinear",
                           align_corners=False)
-    with batchnorm_eval(model):  # erased images must not shift the running statistics
+    with frozen_running_stats(model):  # erased images must not shift the running statistics
         erased_scores = model(images * (1 - erase))
     mining = attention_mining_loss(erased_scores, F.one_hot(labels, erased_scores.shape[1]))
     return F.cross_entropy(model(images), labels), external + mining
