@@ -8,6 +8,7 @@ medians, or the median of the per-round ratios (:func:`paired_ratio`).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -189,3 +190,41 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+def add_shape_args(parser: argparse.ArgumentParser, img_size: int | None = 128,
+                   batch_size: int = 16) -> None:
+    """Model and batch shape options shared by the benchmarks (``--img-size`` only when
+    ``img_size`` is given), plus ``--device``, ``--seed`` and ``--threads``."""
+    if img_size is not None:
+        parser.add_argument("--img-size", type=int, default=img_size)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--embed-dim", type=int, default=192)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_arg(parser)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 with --quick)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads``; ``--quick`` defaults them to 1."""
+    if args.quick and args.threads is None:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def shape_kwargs(args: argparse.Namespace, num_classes: int, img_size: int | None = None) -> dict:
+    """ClassTokenViT / ReferenceViT keyword arguments for the shape options (square images of
+    ``img_size``, default ``--img-size``)."""
+    side = img_size if img_size is not None else args.img_size
+    return {"num_classes": num_classes, "img_size": (side, side), "patch_size": args.patch_size,
+            "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads,
+            "num_registers": 1}

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 from _measure import (
+    add_shape_args,
+    apply_threads,
     environment,
     growth_exponent,
     mib,
     peak_memory,
     print_table,
     run_child,
+    shape_kwargs,
     write_json,
 )
 from reference_design import ReferenceViT
@@ -42,9 +45,7 @@ IMPLEMENTATIONS = ("attnmaps", "reference")
 def build_pair(classes: int, side: int, args: argparse.Namespace,
                device: torch.device) -> tuple[ClassTokenViT, ReferenceViT]:
     """An attnmaps model for a side x side patch grid and its reference copy, in eval mode."""
-    shape = {"num_classes": classes, "img_size": (side * args.patch_size,) * 2,
-             "patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
-             "num_heads": args.heads, "num_registers": 1}
+    shape = shape_kwargs(args, classes, img_size=side * args.patch_size)
     torch.manual_seed(args.seed)
     model = ClassTokenViT(**shape, head="joint", stem="linear")
     reference = ReferenceViT(**shape)
@@ -86,24 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sides", type=int, nargs="+", default=[8, 12, 16, 24, 32])
     parser.add_argument("--classes", type=int, nargs="+", default=[20, 151])
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--embed-dim", type=int, default=192)
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 with --quick)")
+    add_shape_args(parser, img_size=None, batch_size=2)
     parser.add_argument("--quick", action="store_true", help="sides 8 and 16, batch 1")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/class_attention_memory.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.sides, args.batch_size = [8, 16], 1
-        args.threads = args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.child:
         child(args)
         return

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 from _measure import (
+    add_shape_args,
+    apply_threads,
     environment,
     interleaved_times,
     median,
@@ -39,16 +41,10 @@ from _measure import (
     print_table,
     run_child,
     saved_tensor_bytes,
+    shape_kwargs,
     write_json,
 )
-from train_step import (
-    add_shape_args,
-    attnmaps_loss,
-    make_step,
-    measured_peak,
-    shape_kwargs,
-    voc_like_batch,
-)
+from train_step import attnmaps_loss, make_step, measured_peak, voc_like_batch
 
 from attnmaps.models.vit import ClassTokenViT
 
@@ -93,9 +89,7 @@ def main() -> None:
     if args.quick:
         args.classes, args.img_size, args.depth, args.batch_size = [20, 151], 64, 4, 2
         args.warmup, args.repeats, args.steps = 1, 3, 1
-        args.threads = args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.child:
         child(args)
         return

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from _measure import (
+    add_threads_arg,
+    apply_threads,
     environment,
     interleaved_times,
     median,
@@ -75,16 +77,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="attnmaps' device (the reference: CPU)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 with --quick)")
+    add_threads_arg(parser)
     parser.add_argument("--quick", action="store_true", help="8 images at 112x112, 3 rounds")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pseudo_mask_speed.json"))
     args = parser.parse_args()
     if args.quick:
         args.images, args.image_size, args.repeats = 8, 112, 3
-        args.threads = args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     size = (args.image_size, args.image_size)
     maps = blob_maps(args.images, args.classes, args.grid, args.seed)

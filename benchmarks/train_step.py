@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _measure import (
+    add_shape_args,
+    apply_threads,
     environment,
     interleaved_times,
     median,
@@ -38,6 +40,7 @@ from _measure import (
     print_table,
     run_child,
     saved_tensor_bytes,
+    shape_kwargs,
     write_json,
 )
 from reference_design import ReferenceViT, reference_loss
@@ -47,26 +50,6 @@ from attnmaps.models.vit import ClassTokenViT
 
 IMPLEMENTATIONS = ("attnmaps", "reference")
 GATE_LAMBDA = 0.01
-
-
-def add_shape_args(parser: argparse.ArgumentParser) -> None:
-    """Model and batch shape options shared by the training-step benchmarks."""
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--embed-dim", type=int, default=192)
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 with --quick)")
-
-
-def shape_kwargs(args: argparse.Namespace, num_classes: int) -> dict:
-    return {"num_classes": num_classes, "img_size": (args.img_size, args.img_size),
-            "patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
-            "num_heads": args.heads, "num_registers": 1}
 
 
 def voc_like_batch(batch: int, num_classes: int, img_size: int, device: torch.device,
@@ -160,10 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.warmup, args.repeats, args.steps = 8, 1, 5, 2
-    if args.quick and args.threads is None:
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     random.seed(args.seed)
     if args.child:
         child(args)

@@ -67,5 +67,6 @@ class WSSSObjective:
         if len(image) == 0:
             return maps.sum() * 0.0
         valid = label_masks[image] != IGNORE
-        local_mean = self.guide(maps[image, cls], masks, torch.ones_like(keep[keep]), valid)
+        every_map = torch.ones(len(image), dtype=torch.bool, device=maps.device)
+        local_mean = self.guide(maps[image, cls], masks, every_map, valid)
         return local_mean * len(image) * world / count.clamp_min(1.0)

@@ -30,7 +30,7 @@ from ..metrics.faithfulness import average_drop_increase, deletion_insertion_auc
 from ..metrics.report import to_jsonable
 from .cue_data import CueSplit, make_cue_split
 from .gap_net import GAPConvNet
-from .methods import BASELINES, METHODS, method_loss
+from .methods import BASELINES, METHODS, method_loss, true_class_maps
 from .stats import best_method, welch_t_test
 
 # Metric name -> higher is better.
@@ -94,11 +94,13 @@ def train_method(method: str, seed: int, data: CueSplit, cfg: BenchConfig) -> GA
     return model.eval()
 
 
-def _true_class_maps(model: GAPConvNet, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def _upsampled_true_class_maps(model: GAPConvNet, images: Tensor,
+                               labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and the true class's map, upsampled to the image and clipped at 0 (no graph)."""
     with torch.no_grad():
-        logits, maps = model.forward_with_maps(images)
-    maps = maps[torch.arange(len(labels)), labels].unsqueeze(1)
-    full = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        logits, maps = true_class_maps(model, images, labels)
+    full = F.interpolate(maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False)
     return logits, full[:, 0].clamp(min=0)
 
 
@@ -106,7 +108,7 @@ def score_model(model: GAPConvNet, test: CueSplit, cfg: BenchConfig) -> dict[str
     """Accuracy, how often the prediction follows the mark, alignment and faithfulness."""
     device = torch.device(cfg.device)
     images, labels, masks = test.images.to(device), test.labels.to(device), test.masks.to(device)
-    logits, maps = _true_class_maps(model, images, labels)
+    logits, maps = _upsampled_true_class_maps(model, images, labels)
     prediction = logits.argmax(1).cpu()
     misled = test.cue != test.labels
     result = {"accuracy": (prediction == test.labels).float().mean().item(),

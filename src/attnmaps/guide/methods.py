@@ -29,14 +29,15 @@ from .gap_net import GAPConvNet
 MethodLoss = Callable[[GAPConvNet, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _true_class_maps(model: GAPConvNet, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def true_class_maps(model: GAPConvNet, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [B,K] and the class activation map of each image's true class [B,h,w]."""
     logits, maps = model.forward_with_maps(images)
     return logits, maps[torch.arange(len(labels)), labels]
 
 
 def _map_loss(loss: torch.nn.Module) -> MethodLoss:
     def method(model, images, labels, masks, has_mask):
-        logits, maps = _true_class_maps(model, images, labels)
+        logits, maps = true_class_maps(model, images, labels)
         return F.cross_entropy(logits, labels), loss(maps, masks, has_mask)
     return method
 
