@@ -22,7 +22,8 @@ SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPE_NAMES)
 
 
-def shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float, angle: float) -> np.ndarray:
+def shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float,
+               angle: float) -> np.ndarray:
     """Boolean mask of one shape centred at the origin of the (yy, xx) coordinate grids."""
     cos, sin = np.cos(angle), np.sin(angle)
     u = (xx * cos + yy * sin) / radius

@@ -197,9 +197,9 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (on every
     process; the metrics are the same on all). Epochs before the last are scored without PAMR,
-    CRF and test-time augmentation, which are slow and only change the masks. Under torchrun the process group is
-    created from the environment and destroyed on return or on an exception; a process group
-    that the caller already initialised is used and left open.
+    CRF and test-time augmentation, which are slow and only change the masks. Under torchrun
+    the process group is created from the environment and destroyed on return or on an
+    exception; a process group that the caller already initialised is used and left open.
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:

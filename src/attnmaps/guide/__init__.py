@@ -1,1 +1,2 @@
-"""Mask-guided attention: a spurious-cue benchmark for the guidance losses of :mod:`attnmaps.losses`."""
+"""Mask-guided attention: a spurious-cue benchmark for the guidance losses of
+:mod:`attnmaps.losses`."""
