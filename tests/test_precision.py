@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -148,8 +149,76 @@ def test_grad_checkpointing_gives_the_same_losses(data_root: Path, tmp_path: Pat
         torch.testing.assert_close(b[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_build_model_passes_class_blocks_and_checkpointing() -> None:
+def test_build_model_passes_class_blocks_checkpointing_and_kernel() -> None:
     cfg = ModelConfig(img_size=[32, 32], patch_size=8, embed_dim=16, depth=3, num_heads=2,
-                      class_blocks=2, grad_checkpointing=True)
+                      class_blocks=2, grad_checkpointing=True, attention_kernel="explicit")
     model = build_model(cfg, num_classes=3)
     assert model.class_blocks == 2 and model.grad_checkpointing
+    assert {block.attn.kernel for block in model.blocks} == {"explicit"}
+
+
+def test_attention_kernel_key_rejects_unknown_value() -> None:
+    with pytest.raises(ValueError, match="attention_kernel"):
+        load_config(None, ["model.attention_kernel=flash"])
+
+
+def numpy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """softmax(q k^T / sqrt(d)) v, one query row at a time in float64 numpy."""
+    q, k, v = (t.double().numpy() for t in (q, k, v))
+    out = np.zeros(q.shape)
+    for index in np.ndindex(*q.shape[:3]):
+        scores = k[index[:2]] @ q[index] / math.sqrt(q.shape[-1])
+        weights = np.exp(scores - scores.max())
+        out[index] = weights / weights.sum() @ v[index[:2]]
+    return out
+
+
+@pytest.mark.parametrize("kernel", vit.ATTENTION_KERNELS)
+def test_attention_kernels_equal_a_row_by_row_softmax(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=gen) * 2 for _ in range(3))
+    expected = numpy_attention(q, k, v)
+    assert np.allclose(vit.attention(q, k, v, kernel).numpy(), expected, atol=1e-5)
+    bf16 = vit.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kernel).float().numpy()
+    assert np.allclose(bf16, expected, atol=0.1)
+
+
+def test_auto_kernel_is_explicit_for_bf16_on_cpu_and_fused_for_fp32(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fused_calls: list[torch.dtype] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        fused_calls.append(q.dtype)
+        return original(q, k, v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 2, 5, 4)
+    vit.attention(q, q, q)
+    vit.attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = vit.ClassTokenViT(num_classes=2, img_size=(16, 16), patch_size=8, embed_dim=8,
+                                  depth=1, num_heads=2)
+        model(torch.randn(1, 3, 16, 16))
+    assert fused_calls == [torch.float32]
+    with pytest.raises(ValueError, match="'flash'"):
+        vit.attention(q, q, q, "flash")
+    with pytest.raises(ValueError, match="attention_kernel='flash'"):
+        vit.GatedAttention(8, 2, kernel="flash")
+
+
+def test_explicit_kernel_model_gives_the_fused_losses_and_gradients() -> None:
+    grads = {}
+    for kernel in ("fused", "explicit"):
+        torch.manual_seed(0)
+        model = vit.ClassTokenViT(num_classes=3, img_size=(16, 24), patch_size=8, embed_dim=16,
+                                  depth=2, num_heads=2, attention_kernel=kernel).train()
+        torch.manual_seed(1)
+        labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        logits = model(torch.randn(2, 3, 16, 24), labels)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
+        grads[kernel] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["fused"].keys() == grads["explicit"].keys()
+    for name, grad in grads["fused"].items():
+        torch.testing.assert_close(grads["explicit"][name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)

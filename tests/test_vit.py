@@ -156,6 +156,34 @@ def test_full_forward_equals_reference(tiny):
     assert out["grid"] == (2, 3)
 
 
+
+@pytest.mark.parametrize("class_blocks", [0, 1])
+def test_class_only_last_block_gives_same_outputs_and_gradients(class_blocks):
+    """patch_outputs=False (what forward, predict and training use) runs the last block for
+    the class queries only: same class outputs, maps and every gradient as the full pass."""
+    model = randomise(make_model(depth=3, class_blocks=class_blocks)).double().train()
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    results = []
+    for patch_outputs in (True, False):
+        model.zero_grad()
+        torch.manual_seed(5)
+        out = model.forward_features(x, labels, attn_blocks="all", patch_outputs=patch_outputs)
+        loss = (model.forward_head(out["cls"]).sin().sum()
+                + sum(rows[..., K:].square().sum() for rows in out["attn"]))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (short, short_grads) = results
+    assert "patch" in full and "patch" not in short and "reg" not in short
+    assert_close(short["cls"], full["cls"], **TOL)
+    for a, b in zip(short["attn"], full["attn"]):
+        assert_close(a, b, **TOL)
+    assert short_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        assert_close(short_grads[name], grad, rtol=1e-9, atol=1e-9, msg=name)
+    assert full_grads["blocks.2.mlp.0.weight"].abs().sum() > 0
+
 @pytest.mark.parametrize("block", [0, 1])
 def test_class_attention_rows_equal_explicit(tiny, block):
     model, x = tiny

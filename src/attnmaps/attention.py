@@ -70,7 +70,7 @@ def class_token_maps(model: ClassTokenViT, images: Tensor,
     Works in train or eval mode; in training, ``labels`` [B, K] enables class-token masking.
     """
     blocks = model.resolve_attn_blocks(attn_blocks)
-    out = model.forward_features(images, labels, attn_blocks=blocks)
+    out = model.forward_features(images, labels, attn_blocks=blocks, patch_outputs=False)
     return model.forward_head(out["cls"]), model.class_maps(out["attn"], blocks, out["grid"])
 
 

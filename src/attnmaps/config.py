@@ -44,6 +44,8 @@ class ModelConfig:
     mask_rate: float = 0.5
     class_blocks: int = 0
     grad_checkpointing: bool = False
+    attention_kernel: str = field(default="auto",
+                                  metadata={"choices": ("auto", "fused", "explicit")})
     attn_blocks: str = field(
         default="last",
         metadata={"pattern": (r"all|last([1-9][0-9]*)?", "'last', 'last<n>' (n >= 1) or 'all'")},

@@ -40,7 +40,7 @@ class WSSSObjective:
     def __call__(self, model: ClassTokenViT, batch: dict, device) -> dict[str, Tensor]:
         images, labels = batch["image"].to(device), batch["labels"].to(device)
         blocks = model.resolve_attn_blocks(self.attn_blocks) if self.guided else ()
-        out = model.forward_features(images, labels, attn_blocks=blocks)
+        out = model.forward_features(images, labels, attn_blocks=blocks, patch_outputs=False)
         logits = model.forward_head(out["cls"])
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
         l0 = model.l0_penalty()

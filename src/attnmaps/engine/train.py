@@ -84,6 +84,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
         drop_path=cfg.drop_path, num_registers=cfg.num_registers, head=cfg.head, stem=cfg.stem,
         gates=cfg.gates, gate_temperature=cfg.gate_temperature, mask_rate=cfg.mask_rate,
         class_blocks=cfg.class_blocks, grad_checkpointing=cfg.grad_checkpointing,
+        attention_kernel=cfg.attention_kernel,
     )
 
 
