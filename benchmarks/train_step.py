@@ -4,7 +4,9 @@ Both models hold the same weights (VOC-like K=20, head="joint", stem="linear", o
 token) and take the same step: forward with class-token masking, BCE + 0.01 * L0, backward,
 AdamW. The reference (benchmarks/reference_design.py) computes explicit attention, keeps every
 block's [B, heads, N, N] attention and masks tokens in a Python loop; attnmaps runs the fused
-attention kernel and masks with one tensor operation. Reported: images/s (median over
+attention kernel (on CPU in bfloat16 the explicit one, see benchmarks/attention_kernel.py), runs
+the last block for the class tokens only (nothing reads the patch outputs) and masks with one
+tensor operation. ``--precision bf16`` runs both under the same bfloat16 autocast. Reported: images/s (median over
 interleaved repeats, and the median of the per-round speed ratios), bytes saved for backward,
 and peak memory of the steps (CUDA: max allocated; CPU: peak RSS increase in a fresh process).
 
@@ -46,6 +48,7 @@ from _measure import (
 from reference_design import ReferenceViT, reference_loss
 from torch import Tensor, nn
 
+from attnmaps.engine.acceleration import PRECISIONS, autocast
 from attnmaps.models.vit import ClassTokenViT
 
 IMPLEMENTATIONS = ("attnmaps", "reference")
@@ -110,15 +113,27 @@ def measured_peak(model: nn.Module, loss_fn: Callable[[nn.Module, Tensor, Tensor
     return peak_memory(run, device)
 
 
+def with_precision(loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor], precision: str,
+                   device: torch.device) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """``loss_fn`` run under the trainer's autocast for ``precision`` (nothing for fp32)."""
+
+    def run(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        with autocast(precision, device):
+            return loss_fn(model, images, labels)
+
+    return run
+
+
 def build(impl: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Callable]:
     """The attnmaps model or its reference copy (same weights) and its loss function."""
     torch.manual_seed(args.seed)
     model = ClassTokenViT(**shape_kwargs(args, args.classes), head="joint", stem="linear")
     if impl == "attnmaps":
-        return model.to(device).train(), attnmaps_loss
+        return model.to(device).train(), with_precision(attnmaps_loss, args.precision, device)
     reference = ReferenceViT(**shape_kwargs(args, args.classes))
     reference.load_state_dict(model.state_dict())
-    return reference.to(device).train(), reference_step_loss
+    return (reference.to(device).train(),
+            with_precision(reference_step_loss, args.precision, device))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -134,6 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(parser)
     parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="autocast of both implementations (as train.precision)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps in the peak-memory run")
@@ -179,7 +196,8 @@ def main() -> None:
     tokens = (args.img_size // args.patch_size) ** 2 + args.classes + 1
     print(f"K={args.classes}, {args.img_size}px/patch {args.patch_size} ({tokens} tokens), "
           f"width {args.embed_dim}, depth {args.depth}, {args.heads} heads, batch "
-          f"{args.batch_size}, {counts['attnmaps'] / 1e6:.2f}M parameters, {device}")
+          f"{args.batch_size}, {counts['attnmaps'] / 1e6:.2f}M parameters, {device}, "
+          f"{args.precision}")
     print_table(["impl", "step ms", "images/s", "saved MiB", "peak MiB"], rows)
     memory_ratio = peaks["attnmaps"]["peak_bytes"] / max(peaks["reference"]["peak_bytes"], 1)
     print(f"attnmaps / reference: throughput x{speedup:.2f} (median of per-round ratios), saved "

@@ -66,3 +66,53 @@ def test_written_voc_layout_reads_back(tmp_path) -> None:
     expected = np.zeros(len(SHAPE_NAMES), np.float32)
     expected[np.unique(mask[mask > 0]) - 1] = 1
     assert np.array_equal(sample["labels"].numpy(), expected)
+
+
+def test_hue_colour_matches_colorsys() -> None:
+    import colorsys
+
+    from attnmaps.data.synthetic import hue_colour
+
+    for hue in np.linspace(0.0, 0.95, 20):
+        expected = colorsys.hsv_to_rgb(hue, 0.7, 0.8)
+        assert np.allclose(hue_colour(hue, 0.7, 0.8), expected, atol=1e-9)
+
+
+def test_colour_classes_combine_shape_and_hue() -> None:
+    """With colours=n, value s*n+j+1 is shape s (same geometry as the shape-only set's class
+    s+1 under the same draws would be) drawn in hue j: mean hue of its pixels near j/n."""
+    import colorsys
+
+    from attnmaps.data.synthetic import class_names
+
+    colours = 6
+    names = class_names(colours)
+    assert len(names) == 1 + 4 * colours and names[1] == "circle_h000"
+    assert names[colours + 2] == "square_h060"
+    errors, seen = [], set()
+    for index in range(120):
+        image, mask = render_sample(seed=3, index=index, colours=colours)
+        for value in np.unique(mask[mask > 0]):
+            pixels = image[mask == value]
+            if len(pixels) < 30:
+                continue
+            seen.add(int(value))
+            hues = np.array([colorsys.rgb_to_hsv(*p)[0] for p in pixels / 255.0])
+            target = ((value - 1) % colours) / colours
+            diff = np.abs((hues - target + 0.5) % 1.0 - 0.5)
+            errors.append(np.median(diff))
+    assert len(seen) > 18 and max(errors) < 0.5 / colours
+
+
+def test_shape_only_set_is_unchanged_by_the_colour_option() -> None:
+    a = render_sample(seed=2, index=9)
+    b = render_sample(seed=2, index=9, colours=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_colour_set_writes_its_class_list(tmp_path) -> None:
+    from attnmaps.data.synthetic import class_names
+
+    root = write_synthetic_voc(tmp_path / "c", num_train=3, num_val=2, size=(32, 32), colours=5)
+    train = VOCDataset(root, "train")
+    assert train.class_names == list(class_names(5)) and train[0]["labels"].shape == (20,)

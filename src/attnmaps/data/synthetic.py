@@ -4,6 +4,10 @@ Each image holds one to three objects drawn from ``SHAPE_NAMES`` on a textured b
 Colours and textures are drawn independently of the class, so only the shape tells the class
 apart. Objects vary in scale, position and rotation, and later objects occlude earlier ones.
 
+With ``colours=n`` (n >= 1) the set has ``4 n`` classes instead: an object's class is its shape
+together with one of ``n`` hues spread evenly around the colour wheel (its texture varies around
+that hue), which gives a many-class set with the same exact masks.
+
 Example:
     >>> image, mask = render_sample(seed=0, index=3, size=(64, 64))
     >>> image.shape, mask.shape, image.dtype
@@ -20,6 +24,23 @@ from .image_io import write_image, write_mask
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPE_NAMES)
+
+
+def class_names(colours: int = 0) -> tuple[str, ...]:
+    """Class names, background first: the shapes, or with ``colours=n`` every shape in every
+    hue (``circle_h000``, ``circle_h030``, ... with the hue in degrees), shape-major."""
+    if colours < 0:
+        raise ValueError(f"colours={colours} must be >= 0 (0: classes by shape only)")
+    if not colours:
+        return CLASS_NAMES
+    return ("background", *(f"{shape}_h{round(360 * j / colours):03d}"
+                            for shape in SHAPE_NAMES for j in range(colours)))
+
+
+def hue_colour(hue: float, saturation: float = 0.85, value: float = 0.9) -> np.ndarray:
+    """RGB in [0, 1] of an HSV colour, ``hue`` in turns (0..1)."""
+    channel = (np.array([5.0, 3.0, 1.0]) + hue * 6.0) % 6.0
+    return value - value * saturation * np.clip(np.minimum(channel, 4.0 - channel), 0.0, 1.0)
 
 
 def shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, radius: float,
@@ -64,12 +85,26 @@ def texture(rng: np.random.Generator, height: int, width: int,
     return c1 * (1 - weight) + c2 * weight
 
 
+def hue_texture(rng: np.random.Generator, height: int, width: int, hue: float) -> np.ndarray:
+    """A :func:`texture` whose two colours lie within a few degrees of ``hue`` (turns)."""
+    pattern = texture(rng, height, width, contrast=1.0)
+    weight = pattern.mean(-1, keepdims=True)
+    c1, c2 = (hue_colour(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0),
+                         rng.uniform(0.6, 1.0)) for _ in range(2))
+    return c1 * (1 - weight) + c2 * weight
+
+
 def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
-                  max_objects: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                  max_objects: int = 3, colours: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Render image ``index`` of the set drawn with ``seed``: (uint8 [H,W,3], uint8 mask [H,W]).
 
-    Mask value 0 is background and shape ``SHAPE_NAMES[c]`` has value ``c + 1``.
+    Mask value 0 is background and ``class_names(colours)[v]`` names mask value ``v``: shape
+    ``SHAPE_NAMES[c]`` has value ``c + 1``, or with ``colours=n`` shape ``s`` in hue ``j`` has
+    value ``s * n + j + 1``.
     """
+    num_classes = len(class_names(colours)) - 1
+    if num_classes > 255:
+        raise ValueError(f"colours={colours} gives {num_classes} classes; uint8 masks hold 255")
     height, width = size
     rng = np.random.default_rng([seed, index])
     image = texture(rng, height, width, contrast=0.3)
@@ -77,34 +112,39 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     short = min(height, width)
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        cls = int(rng.integers(len(SHAPE_NAMES)))
+        cls = int(rng.integers(num_classes))
+        shape = SHAPE_NAMES[cls // colours if colours else cls]
         radius = rng.uniform(0.18, 0.30) * short
         cy = rng.uniform(radius * 0.6, height - radius * 0.6)
         cx = rng.uniform(radius * 0.6, width - radius * 0.6)
-        inside = shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
+        inside = shape_mask(shape, yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
         if inside.sum() < 0.002 * height * width:
             continue
-        image[inside] = texture(rng, height, width, contrast=0.35)[inside]
+        fill = (hue_texture(rng, height, width, (cls % colours) / colours) if colours
+                else texture(rng, height, width, contrast=0.35))
+        image[inside] = fill[inside]
         mask[inside] = cls + 1
     noise = rng.normal(0.0, 0.03, size=image.shape)
     return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8), mask
 
 
 def write_synthetic_voc(out_dir: str | Path, num_train: int = 4000, num_val: int = 200,
-                        size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+                        size: tuple[int, int] = (64, 64), seed: int = 0,
+                        colours: int = 0) -> Path:
     """Write the synthetic set in the PASCAL VOC layout (PNG images, palette masks, split lists).
 
-    Train and val images come from disjoint index ranges of the same generator.
+    Train and val images come from disjoint index ranges of the same generator; ``colours`` as
+    in :func:`render_sample` (``classes.txt`` lists the classes).
     """
     root = Path(out_dir)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    (root / "classes.txt").write_text("\n".join(class_names(colours)) + "\n")
     splits = {"train": range(num_train), "val": range(num_train, num_train + num_val)}
     for split, indices in splits.items():
         ids = [f"synth_{i:06d}" for i in indices]
         for sample_id, i in zip(ids, indices):
-            image, mask = render_sample(seed, i, size)
+            image, mask = render_sample(seed, i, size, colours=colours)
             write_image(root / "JPEGImages" / f"{sample_id}.png", image)
             write_mask(root / "SegmentationClass" / f"{sample_id}.png", mask)
         (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")

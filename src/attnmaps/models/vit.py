@@ -91,6 +91,15 @@ ATTENTION_KERNELS = ("auto", "fused", "explicit")
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def resolve_attention_kernel(kernel: str, q: Tensor) -> str:
+    """The kernel :func:`attention` runs for ``kernel`` on queries like ``q``."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}; expected one of {ATTENTION_KERNELS}")
+    if kernel != "auto":
+        return kernel
+    return "explicit" if q.device.type == "cpu" and q.dtype in REDUCED_PRECISION else "fused"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for [B, heads, L, d] inputs.
 
@@ -101,12 +110,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> Tensor:
     ``"auto"`` picks explicit on CPU in reduced precision (also under autocast, where q arrives in
     bfloat16) and fused everywhere else.
     """
-    if kernel == "auto":
-        kernel = "explicit" if q.device.type == "cpu" and q.dtype in REDUCED_PRECISION else "fused"
-    if kernel == "fused":
+    if resolve_attention_kernel(kernel, q) == "fused":
         return F.scaled_dot_product_attention(q, k, v)
-    if kernel != "explicit":
-        raise ValueError(f"attention kernel {kernel!r}; expected one of {ATTENTION_KERNELS}")
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
 
@@ -156,15 +161,22 @@ class GatedAttention(nn.Module):
             k, v = self._project(x, slice(dim, 3 * dim), 2)
         if num_query_rows > q.shape[2]:
             raise ValueError(f"num_query_rows={num_query_rows} exceeds the {q.shape[2]} queries")
-        out = attention(q, k, v, self.kernel)
-        if self.gate is not None:
-            out = out * self.gate().to(out.dtype).view(1, -1, 1, 1)
-        out = self.proj(out.transpose(1, 2).flatten(2))
+        out = attention(q, k, v, self.kernel).transpose(1, 2).flatten(2)
+        out = F.linear(out, self._gated_proj_weight(), self.proj.bias)
         rows = None
         if num_query_rows:
             scores = q[:, :, :num_query_rows] @ k.transpose(-2, -1) * self.head_dim**-0.5
             rows = scores.softmax(dim=-1)
         return out, rows
+
+    def _gated_proj_weight(self) -> Tensor:
+        """``W^O`` with the columns of head ``i`` scaled by its gate ``g_i``:
+        ``concat_i(g_i * head_i) W^O = concat_i(head_i) (W^O diag(g))``, which scales D^2
+        weights instead of every head output."""
+        if self.gate is None:
+            return self.proj.weight
+        gates = self.gate().to(self.proj.weight.dtype).repeat_interleave(self.head_dim)
+        return self.proj.weight * gates
 
     def head_weights(self) -> Tensor:
         """Deterministic gate value of every head (ones without gates)."""
