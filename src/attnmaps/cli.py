@@ -19,7 +19,8 @@ def _synth(args: argparse.Namespace) -> None:
     from .data.synthetic import write_synthetic_voc
 
     root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
-                               size=(args.size, args.size), seed=args.seed)
+                               size=(args.size, args.size), seed=args.seed,
+                               colours=args.colours)
     print(f"wrote {args.num_train} train and {args.num_val} val images to {root}")
 
 
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-val", type=int, default=200)
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--colours", type=int, default=0,
+                       help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")
     synth.set_defaults(func=_synth)
 
     train = sub.add_parser("train", help="train a class-token ViT from image-level labels")
