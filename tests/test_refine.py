@@ -41,3 +41,21 @@ def test_peak_spreads_within_its_region_not_across_an_edge() -> None:
 def test_mismatched_sizes_are_reported() -> None:
     with pytest.raises(ValueError, match="height x width"):
         pamr(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 4, 4))
+
+
+def test_selected_maps_are_refined_as_in_the_full_pass_and_the_rest_kept() -> None:
+    gen = torch.Generator().manual_seed(3)
+    images, maps = torch.rand(3, 3, 16, 16, generator=gen), torch.rand(3, 5, 16, 16, generator=gen)
+    selected = torch.zeros(3, 5, dtype=torch.bool)
+    selected[0, [1, 4]] = True
+    selected[1, 0] = True
+    selected[2, [0, 2, 3]] = True
+    out = pamr(images, maps, iterations=4, selected=selected)
+    full = pamr(images, maps, iterations=4)
+    torch.testing.assert_close(out[selected], full[selected])
+    torch.testing.assert_close(out[~selected], maps[~selected])
+
+
+def test_selection_of_the_wrong_shape_is_reported() -> None:
+    with pytest.raises(ValueError, match=r"selected \(2, 3\) must be \[B,K\] = \(1, 2\)"):
+        pamr(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), selected=torch.ones(2, 3, dtype=torch.bool))

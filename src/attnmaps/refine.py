@@ -40,16 +40,39 @@ def neighbours(x: Tensor, dilations: Sequence[int]) -> Tensor:
 
 
 def pamr(images: Tensor, maps: Tensor, iterations: int = 20,
-         dilations: Sequence[int] = DILATIONS) -> Tensor:
-    """Refine ``maps`` [B,K,H,W] with the affinities of ``images`` [B,C,H,W] (same H, W)."""
+         dilations: Sequence[int] = DILATIONS, selected: Tensor | None = None) -> Tensor:
+    """Refine ``maps`` [B,K,H,W] with the affinities of ``images`` [B,C,H,W] (same H, W).
+
+    Every map is refined on its own, so ``selected`` (bool [B,K]) refines only the selected
+    maps, at their cost alone (many classes, few present), and returns the others unchanged.
+    """
     if images.shape[0] != maps.shape[0] or images.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and maps {tuple(maps.shape)} must share "
                          "batch size and height x width")
-    images = images.to(maps.dtype)
+    affinity = pixel_affinity(images.to(maps.dtype), dilations)
+    if selected is None:
+        return _propagate(maps, affinity, iterations, dilations)
+    if selected.shape != maps.shape[:2]:
+        raise ValueError(f"selected {tuple(selected.shape)} must be [B,K] = "
+                         f"{tuple(maps.shape[:2])}, one flag per map")
+    selected = selected.bool()
+    image_of_map = selected.nonzero()[:, 0]
+    refined = maps.clone()
+    refined[selected] = _propagate(maps[selected].unsqueeze(1), affinity[image_of_map],
+                                   iterations, dilations).squeeze(1)
+    return refined
+
+
+def pixel_affinity(images: Tensor, dilations: Sequence[int]) -> Tensor:
+    """Affinity of every pixel to its neighbours, [B,1,8*len(dilations),H,W], summing to 1."""
     near = neighbours(images, dilations)
     spread = near.std(dim=2, keepdim=True)
     distance = (near - images.unsqueeze(2)).abs() / (1e-8 + 0.1 * spread)
-    affinity = (-distance.mean(dim=1)).softmax(dim=1).unsqueeze(1)
+    return (-distance.mean(dim=1)).softmax(dim=1).unsqueeze(1)
+
+
+def _propagate(maps: Tensor, affinity: Tensor, iterations: int,
+               dilations: Sequence[int]) -> Tensor:
     for _ in range(iterations):
         maps = (neighbours(maps, dilations) * affinity).sum(dim=2)
     return maps

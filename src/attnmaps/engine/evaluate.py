@@ -90,7 +90,9 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         size = tuple(images.shape[-2:])
         full = upsample_maps(maps, size)
         if settings.refine_iterations:
-            full = pamr(images, full, settings.refine_iterations)
+            needed = (select_classes(probs, None, settings.prob_threshold)
+                      | select_classes(probs, labels, settings.prob_threshold))
+            full = pamr(images, full, settings.refine_iterations, selected=needed)
         colours = None if pixel_stats is None else images_to_uint8_range(images, *pixel_stats)
         kwargs = {"settings": settings, "has_background": has_background, "colours": colours}
         pred = _pseudo_masks(full, probs, settings.threshold, None, **kwargs)
