@@ -20,6 +20,11 @@ def ensure_data(root: Path, num_train: int) -> Path:
     return root
 
 
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    """The run directory of ``variant`` (its name up to " (") and ``seed`` under ``out``."""
+    return out / f"{variant.split(' (')[0].replace(' ', '_').replace('%', 'pct')}_seed{seed}"
+
+
 def run_variants(out: Path, data: Path, variants: Mapping[str, Sequence[str]], seeds: int,
                  keys: Sequence[str], extra: Sequence[str] = ()) -> dict[str, list[dict]]:
     """Train every variant (demo config + its overrides + ``extra``) for each seed.
@@ -29,7 +34,7 @@ def run_variants(out: Path, data: Path, variants: Mapping[str, Sequence[str]], s
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in range(seeds):
         for name, overrides in variants.items():
-            run = out / f"{name.split(' (')[0].replace(' ', '_').replace('%', 'pct')}_seed{seed}"
+            run = run_dir(out, name, seed)
             cfg = load_config(demo_config_path(), [f"data.root={data}", f"out_dir={run}",
                                                    f"train.seed={seed}", *overrides, *extra])
             metrics = train(cfg, resume=(run / "last.safetensors").exists())

@@ -111,3 +111,25 @@ def test_sweep_command_prints_every_threshold_and_marks_the_best(run_dir: Path, 
     assert "threshold 0.20" in out and "threshold 0.50" in out and out.count("<- best") == 1
     assert f"threshold {saved['best_threshold']:.2f}" in out.split("<- best")[0].splitlines()[-1]
     assert main(["sweep", "--run", str(run_dir), "--thresholds", "1.5"]) == 2
+
+
+def test_refining_only_the_selected_maps_scores_as_refining_all(
+        run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate() refines only the predicted or true classes' maps; every score it reports
+    (predicted labels, true labels, the threshold sweep) equals refining all K maps."""
+    import attnmaps.engine.evaluate as evaluation
+    from attnmaps.refine import pamr
+
+    cfg, model = load_run(run_dir)
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    settings = replace(cfg.pseudo, refine_iterations=3)
+
+    def scores() -> tuple:
+        metrics = evaluate(model, dataset, settings, cfg.model.attn_blocks, torch.device("cpu"),
+                           sweep=THRESHOLDS)
+        return metrics["miou"], metrics["miou_true_labels"], metrics["miou_by_threshold"]
+
+    selected_only = scores()
+    monkeypatch.setattr(evaluation, "pamr",
+                        lambda images, maps, iterations, selected: pamr(images, maps, iterations))
+    assert selected_only == scores()

@@ -5,8 +5,16 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
-from attnmaps.data.synthetic import CLASS_NAMES, SHAPE_NAMES, render_sample, write_synthetic_voc
+from attnmaps.data.synthetic import (
+    CLASS_NAMES,
+    HUE_JITTER,
+    MAX_COLOURS,
+    SHAPE_NAMES,
+    render_sample,
+    write_synthetic_voc,
+)
 from attnmaps.data.voc import VOCDataset
 
 
@@ -129,3 +137,14 @@ def test_colour_set_writes_its_class_list(tmp_path) -> None:
     root = write_synthetic_voc(tmp_path / "c", num_train=3, num_val=2, size=(32, 32), colours=5)
     train = VOCDataset(root, "train")
     assert train.class_names == list(class_names(5)) and train[0]["labels"].shape == (20,)
+
+
+@pytest.mark.parametrize("colours", [-1, MAX_COLOURS + 1])
+def test_out_of_range_colours_are_refused_before_anything_is_written(tmp_path, colours) -> None:
+    with pytest.raises(ValueError, match=rf"colours={colours} must lie in 0\.\.{MAX_COLOURS}"):
+        write_synthetic_voc(tmp_path / "bad", num_train=1, num_val=1, colours=colours)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_neighbouring_hues_cannot_overlap_at_the_largest_count() -> None:
+    assert 1 / MAX_COLOURS > 2 * HUE_JITTER

@@ -156,12 +156,13 @@ def test_full_forward_equals_reference(tiny):
     assert out["grid"] == (2, 3)
 
 
-
-@pytest.mark.parametrize("class_blocks", [0, 1])
-def test_class_only_last_block_gives_same_outputs_and_gradients(class_blocks):
+@pytest.mark.parametrize("options", [{}, {"class_blocks": 1},
+                                     {"drop_path": 0.3, "grad_checkpointing": True}])
+def test_class_only_last_block_gives_same_outputs_and_gradients(options):
     """patch_outputs=False (what forward, predict and training use) runs the last block for
-    the class queries only: same class outputs, maps and every gradient as the full pass."""
-    model = randomise(make_model(depth=3, class_blocks=class_blocks)).double().train()
+    the class queries only: same class outputs, maps and every gradient as the full pass (also
+    with stochastic depth and activation checkpointing, whose random draws must line up)."""
+    model = randomise(make_model(depth=3, **options)).double().train()
     x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
     labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     results = []

@@ -24,13 +24,17 @@ from .image_io import write_image, write_mask
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPE_NAMES)
+HUE_JITTER = 0.02
+MAX_COLOURS = 24
 
 
 def class_names(colours: int = 0) -> tuple[str, ...]:
     """Class names, background first: the shapes, or with ``colours=n`` every shape in every
     hue (``circle_h000``, ``circle_h030``, ... with the hue in degrees), shape-major."""
-    if colours < 0:
-        raise ValueError(f"colours={colours} must be >= 0 (0: classes by shape only)")
+    if not 0 <= colours <= MAX_COLOURS:
+        raise ValueError(f"colours={colours} must lie in 0..{MAX_COLOURS} (0: classes by shape "
+                         f"only; more hues than {MAX_COLOURS} would overlap within their "
+                         f"±{HUE_JITTER} jitter)")
     if not colours:
         return CLASS_NAMES
     return ("background", *(f"{shape}_h{round(360 * j / colours):03d}"
@@ -89,7 +93,7 @@ def hue_texture(rng: np.random.Generator, height: int, width: int, hue: float) -
     """A :func:`texture` whose two colours lie within a few degrees of ``hue`` (turns)."""
     pattern = texture(rng, height, width, contrast=1.0)
     weight = pattern.mean(-1, keepdims=True)
-    c1, c2 = (hue_colour(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0),
+    c1, c2 = (hue_colour(hue + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.65, 1.0),
                          rng.uniform(0.6, 1.0)) for _ in range(2))
     return c1 * (1 - weight) + c2 * weight
 
@@ -103,8 +107,6 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (64, 64),
     value ``s * n + j + 1``.
     """
     num_classes = len(class_names(colours)) - 1
-    if num_classes > 255:
-        raise ValueError(f"colours={colours} gives {num_classes} classes; uint8 masks hold 255")
     height, width = size
     rng = np.random.default_rng([seed, index])
     image = texture(rng, height, width, contrast=0.3)
@@ -136,10 +138,11 @@ def write_synthetic_voc(out_dir: str | Path, num_train: int = 4000, num_val: int
     Train and val images come from disjoint index ranges of the same generator; ``colours`` as
     in :func:`render_sample` (``classes.txt`` lists the classes).
     """
+    names = class_names(colours)
     root = Path(out_dir)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(class_names(colours)) + "\n")
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
     splits = {"train": range(num_train), "val": range(num_train, num_train + num_val)}
     for split, indices in splits.items():
         ids = [f"synth_{i:06d}" for i in indices]

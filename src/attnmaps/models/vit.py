@@ -123,7 +123,8 @@ class GatedAttention(nn.Module):
     attention (CaiT): only the first ``q`` tokens are queries, keys and values come from all
     tokens, and the output holds the ``q`` query tokens only. ``num_query_rows=K`` also returns
     the softmax attention of the first ``K`` queries (the class tokens) over all tokens,
-    [B, heads, K, N], computed from those rows alone.
+    [B, heads, K, N], computed from those rows alone. ``proj`` holds W^O but is applied through
+    ``F.linear`` with the gated weight, so forward hooks on ``proj`` do not fire.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, gates: bool = True,
