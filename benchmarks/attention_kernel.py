@@ -1,6 +1,7 @@
 """Attention kernels: fused ``F.scaled_dot_product_attention`` against explicit matmul + softmax.
 
-Times forward + backward of ``attnmaps.models.vit.attention`` with each kernel on
+Times forward + backward (training) and forward alone without autograd (evaluation) of
+``attnmaps.models.vit.attention`` with each kernel on
 [B, heads, L, 64] inputs laid out as the model lays them out (a permuted view of one fused qkv
 projection), in float32 and bfloat16, for a few sequence lengths, and says which kernel
 ``"auto"`` picks. This is the measurement behind ``"auto"``: on CPU the fused kernel wins in
@@ -13,6 +14,7 @@ float32, the explicit one in bfloat16.
 from __future__ import annotations
 
 import argparse
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -36,12 +38,20 @@ SHAPES = ((16, 3, 217), (4, 3, 805), (2, 6, 1301))
 HEAD_DIM = 64
 
 
-def step(kernel: str, qkv: torch.Tensor):
-    """Forward and backward of the attention of the heads in ``qkv`` [B, L, 3, heads, d]."""
+MODES = ("train", "eval")
+
+
+def step(kernel: str, qkv: torch.Tensor, mode: str):
+    """Attention of the heads in ``qkv`` [B, L, 3, heads, d]: forward and backward
+    (``"train"``) or forward under ``torch.no_grad`` (``"eval"``)."""
 
     def run() -> None:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attention(q, k, v, kernel).float().sum().backward()
+        if mode == "train":
+            attention(q, k, v, kernel).float().sum().backward()
+            return
+        with torch.no_grad():
+            attention(q, k, v, kernel)
 
     return run
 
@@ -60,22 +70,21 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     device = torch.device(args.device)
     rows, results = [], []
-    for batch, heads, tokens in shapes:
-        for name, dtype in DTYPES.items():
-            gen = torch.Generator().manual_seed(0)
-            qkv = torch.randn(batch, tokens, 3, heads, HEAD_DIM, generator=gen).to(device, dtype)
-            qkv.requires_grad_(True)
-            times = interleaved_times({k: step(k, qkv) for k in KERNELS}, repeats, args.warmup,
-                                      device)
-            ms = {k: median(times[k]) * 1e3 for k in KERNELS}
-            ratio = paired_ratio(times["fused"], times["explicit"])
-            choice = resolve_attention_kernel("auto", qkv)
-            rows.append([f"{batch}x{heads}x{tokens}", name, f"{ms['fused']:.1f}",
-                         f"{ms['explicit']:.1f}", f"{ratio:.2f}", choice])
-            results.append({"batch": batch, "heads": heads, "tokens": tokens, "dtype": name,
-                            "ms": ms, "fused_over_explicit": ratio, "auto": choice})
-    print_table(["B x heads x L", "dtype", "fused ms", "explicit ms", "fused/explicit", "auto"],
-                rows)
+    for (batch, heads, tokens), (name, dtype), mode in product(shapes, DTYPES.items(), MODES):
+        gen = torch.Generator().manual_seed(0)
+        qkv = torch.randn(batch, tokens, 3, heads, HEAD_DIM, generator=gen).to(device, dtype)
+        qkv.requires_grad_(mode == "train")
+        times = interleaved_times({k: step(k, qkv, mode) for k in KERNELS}, repeats,
+                                  args.warmup, device)
+        ms = {k: median(times[k]) * 1e3 for k in KERNELS}
+        ratio = paired_ratio(times["fused"], times["explicit"])
+        choice = resolve_attention_kernel("auto", qkv)
+        rows.append([f"{batch}x{heads}x{tokens}", name, mode, f"{ms['fused']:.1f}",
+                     f"{ms['explicit']:.1f}", f"{ratio:.2f}", choice])
+        results.append({"batch": batch, "heads": heads, "tokens": tokens, "dtype": name,
+                        "mode": mode, "ms": ms, "fused_over_explicit": ratio, "auto": choice})
+    print_table(["B x heads x L", "dtype", "mode", "fused ms", "explicit ms", "fused/explicit",
+                 "auto"], rows)
     write_json(args.out, {"config": {**vars(args), "out": str(args.out), "head_dim": HEAD_DIM},
                           "environment": environment(device), "results": results})
 
