@@ -23,6 +23,7 @@ from attnmaps.engine.distributed import (
     cleanup,
     epoch_permutation,
     init_distributed,
+    is_main_process,
     shard_indices,
 )
 from attnmaps.engine.evaluate import evaluate
@@ -246,3 +247,16 @@ def test_init_without_torchrun_is_single_process(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="RANK, MASTER_ADDR, MASTER_PORT not set"):
         init_distributed(torch.device("cpu"))
+
+
+def test_main_process_outside_a_group_follows_torchruns_rank(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After training has left its process group, only rank 0 prints the run summary."""
+    assert not dist.is_initialized()
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    assert list(shard_indices(5)) == [0, 1, 2, 3, 4]  # no group: every index, whatever RANK

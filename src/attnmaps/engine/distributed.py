@@ -75,8 +75,12 @@ def get_world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """True on rank 0, the process that logs and writes files."""
-    return get_rank() == 0
+    """True on rank 0, the process that logs and writes files. Outside a process group (before
+    training joins it or after it leaves) the rank torchrun gave this process (``RANK``)
+    decides, so that only one process prints a run's summary."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
 
 
 def barrier() -> None:
