@@ -21,12 +21,11 @@ import argparse
 import json
 from pathlib import Path
 
-from _variants import print_summary, run_dir, run_variants, summarise
+from _variants import ensure_data, print_summary, run_dir, run_variants, summarise
 
 from attnmaps.data.registry import build_dataset
-from attnmaps.data.synthetic import class_names, write_synthetic_voc
-from attnmaps.engine.evaluate import evaluate
-from attnmaps.pipeline import load_run
+from attnmaps.data.synthetic import class_names
+from attnmaps.pipeline import evaluate_loaded_run, load_run
 
 KEYS = ("miou", "miou_true_labels", "map", "class_map_correlation", "images_per_second")
 ALL_BLOCKS = "all blocks (class_blocks=0)"
@@ -54,10 +53,8 @@ def last_blocks_scores(out: Path, trained: list[dict]) -> list[dict]:
     for seed, training in enumerate(trained):
         cfg, model = load_run(run_dir(out, ALL_BLOCKS, seed),
                               [f"model.attn_blocks=last{CLASS_BLOCKS}"])
-        dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
-        metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
-                           next(model.parameters()).device, batch_size=cfg.train.batch_size,
-                           has_background=dataset.has_background)
+        metrics = evaluate_loaded_run(
+            cfg, model, build_dataset(cfg.data, cfg.data.val_split, train=False))
         scores.append({**{key: metrics[key] for key in KEYS[:-1]},
                        "images_per_second": training["images_per_second"]})
     return scores
@@ -76,10 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.colours < 1:
         parser.error(f"--colours {args.colours}: need at least 1 hue per shape")
-    data = args.out / "data"
-    if not (data / "ImageSets").exists():
-        write_synthetic_voc(data, num_train=args.num_train, num_val=args.num_val,
-                            colours=args.colours)
+    data = ensure_data(args.out / "data", args.num_train, args.num_val, args.colours)
     results = run_variants(args.out, data, variants(args.epochs, args.equal_time_epochs),
                            args.seeds, KEYS)
     results[f"all blocks, maps of the last {CLASS_BLOCKS} (class_blocks=0)"] = last_blocks_scores(

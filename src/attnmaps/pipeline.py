@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -42,6 +43,15 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, Clas
     return cfg, model.to(resolve_device(cfg.train.device)).eval()
 
 
+def evaluate_loaded_run(cfg: Config, model: ClassTokenViT, dataset: Dataset,
+                        **options: Any) -> dict:
+    """:func:`~attnmaps.engine.evaluate.evaluate` of a run's model on ``dataset`` with the run's
+    pseudo-mask settings, map blocks and batch size; ``options`` go to ``evaluate``."""
+    return evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
+                    next(model.parameters()).device, batch_size=cfg.train.batch_size,
+                    has_background=dataset.has_background, **options)
+
+
 def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
                        overrides: Sequence[str] = ()) -> dict | None:
     """Write ``<id>.png`` pseudo masks for ``split``; returns their metrics when masks exist.
@@ -62,9 +72,7 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
         save_pseudo_masks(out_dir, list(batch["id"]), pred.cpu())
         scored.update(pred.cpu(), batch["mask"])
 
-    metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
-                       next(model.parameters()).device, batch_size=cfg.train.batch_size,
-                       has_background=dataset.has_background, on_batch=save)
+    metrics = evaluate_loaded_run(cfg, model, dataset, on_batch=save)
     if not _has_masks(dataset):
         return None
     metrics.update(segmentation_summary(scored.compute()))
@@ -96,9 +104,7 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     if not _has_masks(dataset):
         raise ValueError(f"split {split!r} of {cfg.data.root} has no ground-truth masks to "
                          "score thresholds on; pick a split with masks")
-    metrics = evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
-                       next(model.parameters()).device, batch_size=cfg.train.batch_size,
-                       has_background=dataset.has_background, sweep=thresholds)
+    metrics = evaluate_loaded_run(cfg, model, dataset, sweep=thresholds)
     by_threshold = metrics["miou_by_threshold"]
     scored = [t for t in thresholds if not math.isnan(by_threshold[t])]
     best = max(scored, key=by_threshold.__getitem__) if scored else None
