@@ -34,7 +34,7 @@ from _measure import (
 from reference_design import reference_pseudo_masks
 from torch import Tensor
 
-from attnmaps.pseudo_masks import (
+from attnmaps.pseudo.masks import (
     make_pseudo_masks,
     merge_masks,
     normalize_maps,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from vit_helpers import randomise
 
-from attnmaps.attention import class_token_maps
 from attnmaps.models.vit import ClassTokenViT, GatedAttention, parse_attn_blocks
 
 K = 3
@@ -240,14 +239,6 @@ def test_model_rejects_blocks_without_class_tokens(tiny):
     rows = tiny.forward_features(x, attn_blocks=[2])["attn"]
     with pytest.raises(ValueError, match=r"1\.\.2"):
         tiny.class_maps(rows, [0], GRID)
-
-
-def test_class_token_maps_call_pattern_works(tiny):
-    x = images()
-    logits, maps = class_token_maps(tiny, x, "last2")
-    ref_logits, ref_maps = tiny.predict(x, "all")
-    assert_close(logits, ref_logits, **TOL)
-    assert_close(maps, ref_maps, **TOL)
 
 
 # ---------------------------------------------------------------- shapes, backward, gates

@@ -11,10 +11,10 @@ import torch
 from torch.testing import assert_close
 
 from attnmaps.config import PseudoMaskConfig
-from attnmaps.crf import crf_pseudo_masks, crf_refine, images_to_uint8_range, pseudo_mask_probs
+from attnmaps.pseudo.crf import crf_pseudo_masks, crf_refine, images_to_uint8_range, pseudo_mask_probs
 from attnmaps.engine.evaluate import evaluate
 from attnmaps.models.vit import ClassTokenViT
-from attnmaps.pseudo_masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
+from attnmaps.pseudo.masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
 
 HEIGHT, WIDTH = 24, 32
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from attnmaps.pseudo_masks import (
+from attnmaps.pseudo.masks import (
     fill_unassigned,
     make_pseudo_masks,
     merge_masks,

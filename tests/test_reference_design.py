@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from attnmaps.models.vit import ClassTokenViT
-from attnmaps.pseudo_masks import fill_unassigned, make_pseudo_masks, merge_masks, normalize_maps
+from attnmaps.pseudo.masks import fill_unassigned, make_pseudo_masks, merge_masks, normalize_maps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_design import (

@@ -118,7 +118,7 @@ def test_refining_only_the_selected_maps_scores_as_refining_all(
     """evaluate() refines only the predicted or true classes' maps; every score it reports
     (predicted labels, true labels, the threshold sweep) equals refining all K maps."""
     import attnmaps.engine.evaluate as evaluation
-    from attnmaps.refine import pamr
+    from attnmaps.pseudo.pamr import pamr
 
     cfg, model = load_run(run_dir)
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)

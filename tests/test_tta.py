@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from attnmaps.config import PseudoMaskConfig
 from attnmaps.engine.evaluate import evaluate
 from attnmaps.models.vit import ClassTokenViT
-from attnmaps.tta import mean_probability_logits, scaled_size, tta_predict
+from attnmaps.pseudo.tta import mean_probability_logits, scaled_size, tta_predict
 
 PATCH = 8
 

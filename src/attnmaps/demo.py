@@ -20,7 +20,7 @@ from .engine.train import train
 from .metrics.report import format_iou_table, save_metrics
 from .metrics.segmentation import SegmentationMetric
 from .pipeline import load_run
-from .pseudo_masks import normalize_maps, upsample_maps
+from .pseudo.masks import normalize_maps, upsample_maps
 from .viz import save_attention_grid
 
 DEMO_CONFIG = "demo.yaml"

@@ -20,7 +20,7 @@ from .engine.train import build_model, resolve_device
 from .metrics.report import save_metrics
 from .metrics.segmentation import SegmentationMetric
 from .models.vit import ClassTokenViT
-from .pseudo_masks import save_pseudo_masks
+from .pseudo.masks import save_pseudo_masks
 
 SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.json"

@@ -10,13 +10,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import PseudoMaskConfig
-from ..crf import crf_pseudo_masks, images_to_uint8_range
+from ..pseudo.crf import crf_pseudo_masks, images_to_uint8_range
 from ..metrics.classification import MultiLabelMetric, head_sparsity
 from ..metrics.segmentation import SegmentationMetric
 from ..models.vit import ClassTokenViT
-from ..pseudo_masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
-from ..refine import pamr
-from ..tta import tta_predict
+from ..pseudo.masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
+from ..pseudo.pamr import pamr
+from ..pseudo.tta import tta_predict
 from .acceleration import autocast
 from .distributed import is_distributed, shard_indices
 
@@ -53,9 +53,9 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     from predicted ones).
 
     Settings: ``tta_scales`` / ``tta_flip`` average the maps and probabilities over scales and
-    mirror images (:func:`~attnmaps.tta.tta_predict`); ``refine_iterations`` refines the
+    mirror images (:func:`~attnmaps.pseudo.tta.tta_predict`); ``refine_iterations`` refines the
     upsampled maps by :func:`pamr`; ``crf`` refines every pseudo mask (swept ones too) by
-    :func:`~attnmaps.crf.crf_pseudo_masks`, on the images de-normalised with the dataset's
+    :func:`~attnmaps.pseudo.crf.crf_pseudo_masks`, on the images de-normalised with the dataset's
     ``mean`` / ``std`` (needs the ``pydensecrf2`` extra; meant for 8-bit images).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its masks
     come from the true labels when ``settings.use_true_labels`` is set, else from predictions.

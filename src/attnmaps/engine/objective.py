@@ -39,14 +39,14 @@ class WSSSObjective:
 
     def __call__(self, model: ClassTokenViT, batch: dict, device) -> dict[str, Tensor]:
         images, labels = batch["image"].to(device), batch["labels"].to(device)
-        blocks = model.resolve_attn_blocks(self.attn_blocks) if self.guided else ()
-        out = model.forward_features(images, labels, attn_blocks=blocks, patch_outputs=False)
-        logits = model.forward_head(out["cls"])
+        if self.guided:
+            logits, maps = model.predict(images, self.attn_blocks, labels)
+        else:
+            logits = model(images, labels)
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
         l0 = model.l0_penalty()
         parts = {"bce": bce, "l0": l0, "loss": bce + self.gate_lambda * l0}
         if self.guided:
-            maps = model.class_maps(out["attn"], blocks, out["grid"])
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]
         return parts

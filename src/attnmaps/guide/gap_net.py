@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..attention import cam
+from ..cam import cam
 
 
 class GAPConvNet(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import grad_cam
+from ..cam import grad_cam
 from ..losses import (
     CAMALLoss,
     GAINLoss,

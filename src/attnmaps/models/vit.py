@@ -471,11 +471,13 @@ class ClassTokenViT(nn.Module):
             maps.append(torch.einsum("bhkn,h->bkn", patch_rows, weights))
         return torch.stack(maps).mean(0).reshape(-1, k, *grid)
 
-    def predict(self, x: Tensor,
-                attn_blocks: str | Sequence[int] = "last") -> tuple[Tensor, Tensor]:
-        """Logits [B,K] and class attention maps [B,K,h,w] from one forward pass."""
+    def predict(self, x: Tensor, attn_blocks: str | Sequence[int] = "last",
+                labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits [B,K] and class attention maps [B,K,h,w] of ``attn_blocks`` from one forward
+        pass, both in the autograd graph when gradients are enabled (so a loss on the maps
+        trains the model). In training mode ``labels`` [B,K] enables class-token masking."""
         blocks = self.resolve_attn_blocks(attn_blocks)
-        out = self.forward_features(x, attn_blocks=blocks, patch_outputs=False)
+        out = self.forward_features(x, labels, attn_blocks=blocks, patch_outputs=False)
         return self.forward_head(out["cls"]), self.class_maps(out["attn"], blocks, out["grid"])
 
     def gate_values(self) -> Tensor:

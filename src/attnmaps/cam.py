@@ -2,7 +2,7 @@
 
 * :func:`cam`: class activation maps of a CNN ending in global average pooling + linear layer.
 * :func:`token_cam`: the same for a ViT whose head is a linear layer on mean-pooled patch tokens.
-* :func:`class_token_maps`: class-token attention of a :class:`ClassTokenViT`, with logits.
+* class-token attention of a :class:`~attnmaps.models.vit.ClassTokenViT`: its ``predict``.
 * :func:`grad_cam`: Grad-CAM on any layer with a [B, C, h, w] output, differentiable to second
   order so that a loss on the map trains the model.
 
@@ -14,13 +14,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .models.vit import ClassTokenViT
 
 
 def cam(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -60,18 +56,6 @@ def token_cam(patch_tokens: Tensor, grid: tuple[int, int], weight: Tensor,
         patch_tokens = norm(patch_tokens)
     features = patch_tokens.transpose(1, 2).reshape(batch, dim, *grid)
     return cam(features, weight, bias)
-
-
-def class_token_maps(model: ClassTokenViT, images: Tensor,
-                     attn_blocks: str | Sequence[int] = "last",
-                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Logits [B, K] and class-token attention maps [B, K, h, w], both in the autograd graph.
-
-    Works in train or eval mode; in training, ``labels`` [B, K] enables class-token masking.
-    """
-    blocks = model.resolve_attn_blocks(attn_blocks)
-    out = model.forward_features(images, labels, attn_blocks=blocks, patch_outputs=False)
-    return model.forward_head(out["cls"]), model.class_maps(out["attn"], blocks, out["grid"])
 
 
 def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, class_idx: Tensor,

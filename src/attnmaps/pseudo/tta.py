@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models.vit import ClassTokenViT
-from .pseudo_masks import upsample_maps
+from ..models.vit import ClassTokenViT
+from .masks import upsample_maps
 
 
 def scaled_size(size: Sequence[int], scale: float, patch_size: int) -> tuple[int, int]:

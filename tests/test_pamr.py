@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnmaps.refine import neighbours, pamr
+from attnmaps.pseudo.pamr import neighbours, pamr
 
 
 def test_neighbours_match_explicit_indexing_with_replicated_border() -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from attnmaps.attention import cam, class_token_maps, grad_cam, token_cam
+from attnmaps.cam import cam, grad_cam, token_cam
 from attnmaps.models.vit import ClassTokenViT
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -67,24 +67,28 @@ def make_vit() -> ClassTokenViT:
                          num_heads=2)
 
 
-def test_class_token_maps_train_mode_gradient_reaches_cls_tokens():
+def test_predict_train_mode_gradient_reaches_cls_tokens():
     model = make_vit().train()
     images = torch.randn(2, 3, 16, 16)
-    logits, maps = class_token_maps(model, images, labels=torch.tensor([[1.0, 0, 0], [0, 1, 1]]))
+    logits, maps = model.predict(images, labels=torch.tensor([[1.0, 0, 0], [0, 1, 1]]))
     assert logits.shape == (2, 3) and maps.shape == (2, 3, 2, 2)
     (maps[:, 0] ** 2).sum().backward()
     assert model.cls_tokens.grad is not None
     assert model.cls_tokens.grad[0, 0].abs().sum() > 0
 
 
-def test_class_token_maps_eval_matches_predict():
-    model = make_vit().eval()
-    images = torch.randn(1, 3, 16, 16)
-    logits, maps = class_token_maps(model, images, attn_blocks="all")
-    assert maps.requires_grad
-    ref_logits, ref_maps = model.predict(images, attn_blocks="all")
-    assert_close(logits, ref_logits)
-    assert_close(maps, ref_maps)
+def test_predict_with_labels_masks_absent_class_tokens_in_training_only():
+    torch.manual_seed(2)
+    model = ClassTokenViT(num_classes=3, img_size=(16, 16), patch_size=8, embed_dim=16, depth=2,
+                          num_heads=2, gates=False, mask_rate=1.0)
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, 0, 0], [0, 1, 1]])
+    model.train()
+    cls = model.forward_features(images, patch_outputs=False)["cls"]
+    expected = model.forward_head(cls * (labels > 0).unsqueeze(-1))
+    assert_close(model.predict(images, labels=labels)[0], expected)
+    assert not torch.allclose(model.predict(images)[0], expected)
+    model.eval()
+    assert_close(model.predict(images, labels=labels)[0], model.predict(images)[0])
 
 
 class LinearCNN(nn.Module):
