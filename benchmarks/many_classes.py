@@ -25,7 +25,8 @@ from _variants import ensure_data, print_summary, run_dir, run_variants, summari
 
 from attnmaps.data.registry import build_dataset
 from attnmaps.data.synthetic import class_names
-from attnmaps.pipeline import evaluate_loaded_run, load_run
+from attnmaps.engine.evaluate import eval_options, evaluate
+from attnmaps.pipeline import load_run
 
 KEYS = ("miou", "miou_true_labels", "map", "class_map_correlation", "images_per_second")
 ALL_BLOCKS = "all blocks (class_blocks=0)"
@@ -53,8 +54,8 @@ def last_blocks_scores(out: Path, trained: list[dict]) -> list[dict]:
     for seed, training in enumerate(trained):
         cfg, model = load_run(run_dir(out, ALL_BLOCKS, seed),
                               [f"model.attn_blocks=last{CLASS_BLOCKS}"])
-        metrics = evaluate_loaded_run(
-            cfg, model, build_dataset(cfg.data, cfg.data.val_split, train=False))
+        metrics = evaluate(model, build_dataset(cfg.data, cfg.data.val_split, train=False),
+                           cfg.pseudo, **eval_options(cfg))
         scores.append({**{key: metrics[key] for key in KEYS[:-1]},
                        "images_per_second": training["images_per_second"]})
     return scores

@@ -34,10 +34,10 @@ from _measure import (
 from reference_design import reference_pseudo_masks
 from torch import Tensor
 
+from attnmaps.conventions import min_max_normalize
 from attnmaps.pseudo.masks import (
     make_pseudo_masks,
     merge_masks,
-    normalize_maps,
     select_classes,
     upsample_maps,
 )
@@ -99,7 +99,7 @@ def main() -> None:
     }
     times = interleaved_times(run, args.repeats, args.warmup, device)
     ours, theirs = run["attnmaps"]().cpu(), run["reference"]()
-    claimed = merge_masks(normalize_maps(upsample_maps(maps, size)), probs, select_classes(probs),
+    claimed = merge_masks(min_max_normalize(upsample_maps(maps, size)), probs, select_classes(probs),
                           args.threshold, has_background=False) >= 0
     agreement = {
         "all_pixels": (ours == theirs).float().mean().item(),

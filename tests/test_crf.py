@@ -11,10 +11,16 @@ import torch
 from torch.testing import assert_close
 
 from attnmaps.config import PseudoMaskConfig
-from attnmaps.pseudo.crf import crf_pseudo_masks, crf_refine, images_to_uint8_range, pseudo_mask_probs
+from attnmaps.conventions import min_max_normalize
 from attnmaps.engine.evaluate import evaluate
 from attnmaps.models.vit import ClassTokenViT
-from attnmaps.pseudo.masks import make_pseudo_masks, normalize_maps, select_classes, upsample_maps
+from attnmaps.pseudo.crf import (
+    crf_pseudo_masks,
+    crf_refine,
+    images_to_uint8_range,
+    pseudo_mask_probs,
+)
+from attnmaps.pseudo.masks import make_pseudo_masks, select_classes, upsample_maps
 
 HEIGHT, WIDTH = 24, 32
 
@@ -86,8 +92,7 @@ class NormalisedSet(list):
 
 def test_evaluate_crf_needs_the_dataset_statistics():
     with pytest.raises(ValueError, match="pseudo.crf"):
-        evaluate(tiny_model(), samples(), PseudoMaskConfig(crf=True), "last",
-                 torch.device("cpu"))
+        evaluate(tiny_model(), samples(), PseudoMaskConfig(crf=True))
 
 
 def test_crf_recovers_two_regions_from_noisy_unaries():
@@ -129,7 +134,7 @@ def test_evaluate_applies_crf_to_the_pseudo_masks():
     pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
     model, data = tiny_model(), NormalisedSet(samples())
     seen = []
-    evaluate(model, data, PseudoMaskConfig(crf=True, threshold=0.4), "last", torch.device("cpu"),
+    evaluate(model, data, PseudoMaskConfig(crf=True, threshold=0.4),
              on_batch=lambda batch, probs, maps, masks: seen.append(masks))
     images = torch.stack([s["image"] for s in data])
     with torch.no_grad():
@@ -138,6 +143,6 @@ def test_evaluate_applies_crf_to_the_pseudo_masks():
     full = upsample_maps(maps, (32, 32))
     plain = make_pseudo_masks(full, probs, (32, 32), threshold=0.4, has_background=True)
     want = crf_pseudo_masks(images_to_uint8_range(images, data.mean, data.std),
-                            normalize_maps(full), select_classes(probs), plain, 0.4, True)
+                            min_max_normalize(full), select_classes(probs), plain, 0.4, True)
     assert not torch.equal(want, plain)  # the CRF changed something, so the check has teeth
     assert torch.equal(seen[0], want)

@@ -28,6 +28,9 @@ from attnmaps.engine.distributed import (
 )
 from attnmaps.engine.evaluate import evaluate
 from attnmaps.engine.train import batch_layout, build_model
+from attnmaps.metrics.alignment import AlignmentMetric
+from attnmaps.metrics.classification import MultiLabelMetric
+from attnmaps.metrics.segmentation import SegmentationMetric
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -55,6 +58,20 @@ def _free_port() -> int:
 
 def _config(data_root: Path, out_dir: Path):
     return load_config(None, [*CONFIG, f"data.root={data_root}", f"out_dir={out_dir}"])
+
+
+def _filled_metrics(ranks: list[int]) -> tuple:
+    """Segmentation, multi-label and alignment metrics updated with the samples of ``ranks``
+    (rank r holds 3 + r samples, so the processes' shares are uneven)."""
+    seg, cls, align = SegmentationMetric(3), MultiLabelMetric(2), AlignmentMetric(tolerance=1)
+    for rank in ranks:
+        gen = torch.Generator().manual_seed(rank)
+        n = 3 + rank
+        seg.update(torch.randint(0, 3, (n, 4, 4), generator=gen),
+                   torch.randint(0, 3, (n, 4, 4), generator=gen))
+        cls.update(torch.rand(n, 2, generator=gen), torch.randint(0, 2, (n, 2), generator=gen))
+        align.update(torch.rand(n, 4, 4, generator=gen), torch.rand(n, 4, 4, generator=gen) > 0.5)
+    return seg, cls, align
 
 
 def _worker(rank: int, ports: tuple[int, int], data_root: Path, out: Path) -> None:
@@ -94,10 +111,12 @@ def _worker(rank: int, ports: tuple[int, int], data_root: Path, out: Path) -> No
     load_weights(out / "straight" / "last.safetensors", model)
     ids: list[str] = []
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    record["sharded"] = real_evaluate(model, val, cfg.pseudo, cfg.model.attn_blocks,
-                                      torch.device("cpu"), batch_size=1,
+    record["sharded"] = real_evaluate(model, val, cfg.pseudo, attn_blocks=cfg.model.attn_blocks,
+                                      batch_size=1,
                                       on_batch=lambda batch, *_: ids.extend(batch["id"]))
     record["ids"] = ids
+    metrics = _filled_metrics([rank])
+    record["computed_twice"] = [[metric.compute() for metric in metrics] for _ in range(2)]
     cleanup()
     torch.save(record, out / f"rank{rank}.pt")
 
@@ -179,8 +198,7 @@ def test_reduced_metrics_equal_single_process(ddp_run: tuple[Path, list], data_r
     model = build_model(cfg.model, num_classes=4)
     load_weights(out / "straight" / "last.safetensors", model)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    expected = evaluate(model, val, cfg.pseudo, cfg.model.attn_blocks, torch.device("cpu"),
-                        batch_size=1)
+    expected = evaluate(model, val, cfg.pseudo, attn_blocks=cfg.model.attn_blocks, batch_size=1)
     all_ids = [val[i]["id"] for i in range(len(val))]
     assert records[0]["ids"] == all_ids[0::2] and records[1]["ids"] == all_ids[1::2]
     for record in records:
@@ -189,6 +207,22 @@ def test_reduced_metrics_equal_single_process(ddp_run: tuple[Path, list], data_r
         # Batches of 4 (float32 results depend on the batch shape): the class-map correlation
         # of the near-uniform maps of this tiny model amplifies that rounding to ~1e-5.
         _assert_metrics_equal(record["metrics"], expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_metrics_compute_twice_under_two_processes(ddp_run: tuple[Path, list]) -> None:
+    """compute() reduces a copy of the state: both calls on both ranks give the metrics of all
+    samples together, as one process holding them all computes them."""
+    expected = [metric.compute() for metric in _filled_metrics(list(range(WORLD)))]
+    for record in ddp_run[1]:
+        for computed in record["computed_twice"]:
+            for got, want in zip(computed, expected):
+                assert got.keys() == want.keys()
+                for key, value in want.items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(got[key], value), key
+                    else:
+                        assert got[key] == pytest.approx(value, nan_ok=True), key
 
 
 def test_sharded_sampler_splits_one_permutation() -> None:

@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnmaps.conventions import min_max_normalize
 from attnmaps.pseudo.masks import (
     fill_unassigned,
     make_pseudo_masks,
     merge_masks,
-    normalize_maps,
     save_pseudo_masks,
     select_classes,
     selected_indices,
@@ -34,9 +34,9 @@ def nearest_fill(labels: torch.Tensor) -> torch.Tensor:
     return best.view_as(labels)
 
 
-def test_normalize_maps_min_max_and_constant():
+def test_min_max_normalize_min_max_and_constant():
     maps = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]], [[3.0, 3.0], [3.0, 3.0]]]])
-    out = normalize_maps(maps)
+    out = min_max_normalize(maps)
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     torch.testing.assert_close(out[0, 1], torch.zeros(2, 2))
 
@@ -276,7 +276,7 @@ def test_make_pseudo_masks_equals_class_by_class_painting(
     assert torch.equal(out, expected)
     # the former path: merge all K maps with the unselected ones masked out
     everything = merge_masks(
-        normalize_maps(upsample_maps(maps, size)),
+        min_max_normalize(upsample_maps(maps, size)),
         probs,
         select_classes(probs, labels),
         0.4,

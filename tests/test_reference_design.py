@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from attnmaps.conventions import min_max_normalize
 from attnmaps.models.vit import ClassTokenViT
-from attnmaps.pseudo.masks import fill_unassigned, make_pseudo_masks, merge_masks, normalize_maps
+from attnmaps.pseudo.masks import fill_unassigned, make_pseudo_masks, merge_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_design import (
@@ -148,7 +149,7 @@ def test_reference_pseudo_masks_agree_where_a_class_claims_the_pixel():
                           [0.3, 0.8, 0.1, 0.2, 0.1]])
     ours = make_pseudo_masks(maps, probs, (16, 16), threshold=0.4, has_background=False)
     reference = reference_pseudo_masks(maps, probs, (16, 16), threshold=0.4)
-    full = normalize_maps(F.interpolate(maps, size=(16, 16), mode="bilinear",
+    full = min_max_normalize(F.interpolate(maps, size=(16, 16), mode="bilinear",
                                         align_corners=False))
     selected = torch.tensor([[1, 0, 1, 0, 1], [0, 0, 0, 0, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)
     claimed = merge_masks(full, probs, selected, 0.4, has_background=False) >= 0

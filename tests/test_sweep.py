@@ -48,7 +48,7 @@ def single(run_dir: Path) -> dict[float, tuple[float, float]]:
     result = {}
     for t in THRESHOLDS:
         metrics = evaluate(model, dataset, replace(cfg.pseudo, threshold=t),
-                           cfg.model.attn_blocks, torch.device("cpu"))
+                           attn_blocks=cfg.model.attn_blocks)
         result[t] = (metrics["miou"], metrics["miou_true_labels"])
     assert any(pred != true for pred, true in result.values())  # the label source matters
     return result
@@ -125,7 +125,7 @@ def test_refining_only_the_selected_maps_scores_as_refining_all(
     settings = replace(cfg.pseudo, refine_iterations=3)
 
     def scores() -> tuple:
-        metrics = evaluate(model, dataset, settings, cfg.model.attn_blocks, torch.device("cpu"),
+        metrics = evaluate(model, dataset, settings, attn_blocks=cfg.model.attn_blocks,
                            sweep=THRESHOLDS)
         return metrics["miou"], metrics["miou_true_labels"], metrics["miou_by_threshold"]
 

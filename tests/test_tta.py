@@ -113,7 +113,7 @@ def test_evaluate_uses_tta_maps():
                for i in range(3)]
     seen: list[tuple[Tensor, Tensor]] = []
     settings = PseudoMaskConfig(tta_scales=[0.75, 1.25], tta_flip=True)
-    evaluate(model, samples, settings, "last", torch.device("cpu"), batch_size=3,
+    evaluate(model, samples, settings, batch_size=3,
              on_batch=lambda batch, probs, maps, masks: seen.append((probs, maps)))
     images = torch.stack([s["image"] for s in samples])
     with torch.no_grad():

@@ -12,15 +12,16 @@ import torch
 
 from .baselines import border_distance_mask
 from .config import load_config
+from .conventions import min_max_normalize
 from .data.registry import build_dataset
 from .data.synthetic import write_synthetic_voc
 from .engine.checkpoint import checkpoint_paths
-from .engine.evaluate import evaluate
+from .engine.evaluate import eval_options, evaluate
 from .engine.train import train
 from .metrics.report import format_iou_table, save_metrics
 from .metrics.segmentation import SegmentationMetric
 from .pipeline import load_run
-from .pseudo.masks import normalize_maps, upsample_maps
+from .pseudo.masks import upsample_maps
 from .viz import save_attention_grid
 
 DEMO_CONFIG = "demo.yaml"
@@ -71,19 +72,17 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
     train_seconds = time.time() - started
     cfg, model = load_run(Path(cfg.out_dir), overrides)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    device = next(model.parameters()).device
     shown: dict[str, list] = {"maps": [], "probs": [], "pseudo": []}
 
     def keep(batch: dict, probs: torch.Tensor, maps: torch.Tensor, pred: torch.Tensor) -> None:
         room = GRID_ROWS - len(shown["pseudo"])
         if room > 0:
-            full = normalize_maps(upsample_maps(maps[:room], tuple(pred.shape[-2:])))
+            full = min_max_normalize(upsample_maps(maps[:room], tuple(pred.shape[-2:])))
             shown["maps"] += list(full.cpu().numpy())
             shown["probs"] += list(probs[:room].cpu().numpy())
             shown["pseudo"] += list(pred[:room].cpu().numpy())
 
-    metrics = evaluate(model, val, cfg.pseudo, cfg.model.attn_blocks, device,
-                       batch_size=cfg.train.batch_size, sweep=SWEEP, on_batch=keep)
+    metrics = evaluate(model, val, cfg.pseudo, **eval_options(cfg), sweep=SWEEP, on_batch=keep)
     metrics["floor_miou"] = floor_miou(val)
     metrics["start"] = "from scratch" if from_scratch else f"shipped checkpoint {SHIPPED_CHECKPOINT}"
     metrics["class_names"] = val.class_names

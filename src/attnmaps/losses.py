@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SPATIAL = (-2, -1)
+from .conventions import SPATIAL, min_max_normalize
 
 
 def class_masks(mask: Tensor, num_classes: int, has_background: bool) -> Tensor:
@@ -41,20 +41,13 @@ def max_normalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
     return positive / positive.amax(dim=SPATIAL, keepdim=True).clamp_min(eps)
 
 
-def minmax_normalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each map shifted and scaled to [0, 1] (a constant map becomes 0)."""
-    low = maps.amin(dim=SPATIAL, keepdim=True)
-    high = maps.amax(dim=SPATIAL, keepdim=True)
-    return (maps - low) / (high - low).clamp_min(eps)
-
-
-def soft_mask(maps: Tensor, omega: float = 10.0, sigma: float = 0.5, eps: float = 1e-6) -> Tensor:
+def soft_mask(maps: Tensor, omega: float = 10.0, sigma: float = 0.5) -> Tensor:
     """GAIN's soft threshold ``sigmoid(omega * (A - sigma))`` of the min-max normalised maps.
 
     Erasing ``images * (1 - soft_mask(maps))`` (maps upsampled to the image) gives the input for
     :func:`attention_mining_loss`.
     """
-    return torch.sigmoid(omega * (minmax_normalise(maps, eps) - sigma))
+    return torch.sigmoid(omega * (min_max_normalize(maps) - sigma))
 
 
 def masked_mean(values: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
@@ -140,7 +133,7 @@ class GAINLoss(MaskGuidedLoss):
         self.eps = eps
 
     def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
-        error = (soft_mask(maps, self.omega, self.sigma, self.eps) - masks).pow(2)
+        error = (soft_mask(maps, self.omega, self.sigma) - masks).pow(2)
         return masked_mean(error, valid.expand_as(error), self.eps)
 
 

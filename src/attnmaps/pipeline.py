@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -15,10 +14,9 @@ from torch.utils.data import Dataset
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
 from .engine.checkpoint import checkpoint_paths, load_weights
-from .engine.evaluate import evaluate, segmentation_summary
+from .engine.evaluate import eval_options, evaluate
 from .engine.train import build_model, resolve_device
 from .metrics.report import save_metrics
-from .metrics.segmentation import SegmentationMetric
 from .models.vit import ClassTokenViT
 from .pseudo.masks import save_pseudo_masks
 
@@ -43,15 +41,6 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, Clas
     return cfg, model.to(resolve_device(cfg.train.device)).eval()
 
 
-def evaluate_loaded_run(cfg: Config, model: ClassTokenViT, dataset: Dataset,
-                        **options: Any) -> dict:
-    """:func:`~attnmaps.engine.evaluate.evaluate` of a run's model on ``dataset`` with the run's
-    pseudo-mask settings, map blocks and batch size; ``options`` go to ``evaluate``."""
-    return evaluate(model, dataset, cfg.pseudo, cfg.model.attn_blocks,
-                    next(model.parameters()).device, batch_size=cfg.train.batch_size,
-                    has_background=dataset.has_background, **options)
-
-
 def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
                        overrides: Sequence[str] = ()) -> dict | None:
     """Write ``<id>.png`` pseudo masks for ``split``; returns their metrics when masks exist.
@@ -60,22 +49,21 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
     usual way to score seeds on the training split) instead of the predicted ones. The
     ``pseudo.*`` settings (TTA, PAMR, CRF) apply as in :func:`~attnmaps.engine.evaluate.evaluate`.
     When the split has ground-truth masks, the metrics are also written to
-    ``out_dir/metrics.json``: those of :func:`~attnmaps.engine.evaluate.evaluate`, with the
-    segmentation ones (``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou`` beside
-    ``class_names``, ``confusion`` with rows = ground truth) scored on the written masks.
+    ``out_dir/metrics.json``: those of :func:`~attnmaps.engine.evaluate.evaluate`, whose
+    top-level segmentation ones (``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``,
+    ``confusion`` with rows = ground truth) are those of the written masks.
     """
     cfg, model = load_run(run_dir, overrides)
     dataset = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
-    scored = SegmentationMetric(model.num_classes + int(dataset.has_background))
 
     def save(batch: dict, probs: torch.Tensor, maps: torch.Tensor, pred: torch.Tensor) -> None:
         save_pseudo_masks(out_dir, list(batch["id"]), pred.cpu())
-        scored.update(pred.cpu(), batch["mask"])
 
-    metrics = evaluate_loaded_run(cfg, model, dataset, on_batch=save)
+    metrics = evaluate(model, dataset, cfg.pseudo, **eval_options(cfg), on_batch=save)
     if not _has_masks(dataset):
         return None
-    metrics.update(segmentation_summary(scored.compute()))
+    if cfg.pseudo.use_true_labels:
+        metrics.update(metrics["true_labels"])
     metrics["masks_from"] = "true image labels" if cfg.pseudo.use_true_labels else "predictions"
     save_metrics(Path(out_dir) / METRICS_FILE, metrics)
     return metrics
@@ -104,7 +92,7 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     if not _has_masks(dataset):
         raise ValueError(f"split {split!r} of {cfg.data.root} has no ground-truth masks to "
                          "score thresholds on; pick a split with masks")
-    metrics = evaluate_loaded_run(cfg, model, dataset, sweep=thresholds)
+    metrics = evaluate(model, dataset, cfg.pseudo, **eval_options(cfg), sweep=thresholds)
     by_threshold = metrics["miou_by_threshold"]
     scored = [t for t in thresholds if not math.isnan(by_threshold[t])]
     best = max(scored, key=by_threshold.__getitem__) if scored else None

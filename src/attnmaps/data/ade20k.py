@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conventions import IGNORE_INDEX
 from .base import ImageDataset, check_mask, labels_from_mask
 from .image_io import read_mask
-from .transforms import IGNORE
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -58,7 +58,7 @@ def read_object_info(path: Path) -> list[str]:
             raise ValueError(f"{path} must have columns 'Idx' and 'Name', got {reader.fieldnames}")
         rows = [(row["Idx"], row["Name"]) for row in reader]
     indices = [int(idx) if idx.strip().isdigit() else idx for idx, _ in rows]
-    if indices != list(range(1, len(rows) + 1)) or len(rows) >= IGNORE:
+    if indices != list(range(1, len(rows) + 1)) or len(rows) >= IGNORE_INDEX:
         raise ValueError(f"{path}: column 'Idx' must run 1..N (N < 255) in order, got "
                          f"{indices[:5]}{'...' if len(indices) > 5 else ''}")
     return [name.split(";")[0].strip() for _, name in rows]
@@ -104,5 +104,5 @@ class ADE20KDataset(ImageDataset):
         mask = read_mask(path)
         check_mask(mask, path, self.image_paths[i], image_shape, self.num_classes)
         if not self.has_background:
-            mask = np.where((mask == 0) | (mask == IGNORE), IGNORE, mask - 1).astype(np.uint8)
+            mask = np.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1).astype(np.uint8)
         return mask, labels_from_mask(mask, self.num_classes, self.has_background)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..conventions import IGNORE_INDEX
 from .image_io import read_image
-from .transforms import IGNORE, Augment, resize_image
+from .transforms import Augment, resize_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,7 +52,7 @@ def labels_from_mask(mask: np.ndarray, num_classes: int, has_background: bool,
     non-ignore pixels (any pixel when 0)."""
     offset = 1 if has_background else 0
     counts = np.bincount(mask.ravel(), minlength=256)[offset:offset + num_classes]
-    valid = (mask != IGNORE).sum()
+    valid = (mask != IGNORE_INDEX).sum()
     present = (counts > 0) & (counts >= min_fraction * valid)
     return multi_hot(np.flatnonzero(present).tolist(), num_classes)
 
@@ -64,10 +65,10 @@ def check_mask(mask: np.ndarray, path: Path, image_path: Path, image_shape: Sequ
         raise ValueError(
             f"mask {path} has size {mask.shape[1]}x{mask.shape[0]} (WxH) but image "
             f"{image_path} has size {image_shape[1]}x{image_shape[0]}")
-    bad = (mask > max_label) & (mask != IGNORE)
+    bad = (mask > max_label) & (mask != IGNORE_INDEX)
     if bad.any():
         raise ValueError(f"mask {path} has values {np.unique(mask[bad]).tolist()} outside "
-                         f"0..{max_label} (or {IGNORE} = ignore)")
+                         f"0..{max_label} (or {IGNORE_INDEX} = ignore)")
 
 
 def find_image(folder: Path, image_id: str, suffixes: Sequence[str]) -> Path:
@@ -83,7 +84,7 @@ def find_image(folder: Path, image_id: str, suffixes: Sequence[str]) -> Path:
 def read_names(path: Path) -> list[str]:
     """Distinct non-empty lines of a class list file (at most 255)."""
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names or len(set(names)) != len(names) or len(names) > IGNORE:
+    if not names or len(set(names)) != len(names) or len(names) > IGNORE_INDEX:
         raise ValueError(f"{path} must list 1..255 distinct class names, one per line, "
                          f"got {names}")
     return names
@@ -155,7 +156,7 @@ class ImageDataset(Dataset):
         mask, labels = self.load_target(i, image.shape)
         has_mask = mask is not None
         if mask is None:
-            mask = np.full(image.shape[:2], IGNORE, dtype=np.uint8)
+            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         image, mask = self.augment(image, mask)
         tensor = torch.from_numpy(image_to_float(image)).permute(2, 0, 1)
         tensor = (self.augment.photometric(tensor) - self.mean) / self.std

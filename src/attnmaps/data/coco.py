@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..conventions import IGNORE_INDEX
 from .base import ImageDataset, multi_hot
-from .transforms import IGNORE
 
 
 def decode_rle_counts(text: str) -> list[int]:
@@ -181,7 +181,7 @@ class COCODataset(ImageDataset):
         for order, ann in enumerate(annotations):
             region = self._instance_mask(ann, height, width)
             if ann.get("iscrowd", 0):
-                mask[region] = IGNORE
+                mask[region] = IGNORE_INDEX
             else:
                 instances.append((-int(region.sum()), order, region, ann["category_id"]))
         for _, _, region, category in sorted(instances, key=lambda t: t[:2]):

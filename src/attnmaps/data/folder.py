@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conventions import IGNORE_INDEX
 from .base import ImageDataset, check_mask, multi_hot, read_names
 from .image_io import read_image, read_mask
-from .transforms import IGNORE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
@@ -60,7 +60,7 @@ def read_mask_values(path: Path) -> np.ndarray:
     white-on-black RGB).
     """
     if path.suffix.lower() in LOSSY_MASK_SUFFIXES:
-        return np.where(read_image(path).mean(axis=2) >= 128, IGNORE, 0).astype(np.uint8)
+        return np.where(read_image(path).mean(axis=2) >= 128, IGNORE_INDEX, 0).astype(np.uint8)
     try:
         return read_mask(path)
     except ValueError as err:
@@ -141,9 +141,9 @@ class FolderDataset(ImageDataset):
         values = read_mask_values(path)
         value = self.classes[i] + 1 if self.has_background else self.classes[i]
         present = set(np.unique(values).tolist())
-        index_values = {value, IGNORE} | ({0} if self.has_background else set())
-        if present <= {0, IGNORE} or present <= {0, 1}:
-            rest = 0 if self.has_background else IGNORE
+        index_values = {value, IGNORE_INDEX} | ({0} if self.has_background else set())
+        if present <= {0, IGNORE_INDEX} or present <= {0, 1}:
+            rest = 0 if self.has_background else IGNORE_INDEX
             mask = np.where(values > 0, value, rest).astype(np.uint8)
         elif present <= index_values:
             mask = values

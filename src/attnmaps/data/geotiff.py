@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conventions import IGNORE_INDEX
 from .base import ImageDataset, check_mask, find_image, labels_from_mask, read_names
 from .image_io import read_mask
-from .transforms import IGNORE
 
 DFC2020_CLASSES = ("forest", "shrubland", "grassland", "wetlands", "croplands",
                    "urban_built-up", "barren", "water")
@@ -106,7 +106,7 @@ class GeoTIFFDataset(ImageDataset):
         self.label_map = None if label_map is None else np.asarray(label_map, dtype=np.int64)
         if self.label_map is not None and (self.label_map.ndim != 1 or not len(self.label_map)
                                            or self.label_map.min() < 0
-                                           or self.label_map.max() > IGNORE):
+                                           or self.label_map.max() > IGNORE_INDEX):
             raise ValueError(f"data.label_map must list labels in 0..255 (255 = ignore), one per "
                              f"stored mask value, got {label_map}")
         self.image_paths = [find_image(self.root / "images", i, IMAGE_SUFFIXES) for i in self.ids]
@@ -124,7 +124,7 @@ class GeoTIFFDataset(ImageDataset):
                                  f"{raster.shape[2]} bands of {raster.dtype}")
             values = raster[..., 0].astype(np.int64)
         if self.label_map is None:
-            bad = (values < 0) | (values > IGNORE)
+            bad = (values < 0) | (values > IGNORE_INDEX)
             if bad.any():
                 raise ValueError(f"mask {path} has values {np.unique(values[bad])[:10].tolist()} "
                                  f"outside 0..255; set data.label_map to map them to classes")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..conventions import IGNORE_INDEX
 from .base import ImageDataset, image_to_float
-from .transforms import IGNORE
 
 
 def dataset_stats(dataset: ImageDataset) -> dict:
@@ -32,7 +32,7 @@ def dataset_stats(dataset: ImageDataset) -> dict:
     count, mean, m2 = 0, np.float64(0.0), np.float64(0.0)
     low, high, heights, widths = np.float64(np.inf), np.float64(-np.inf), [], []
     image_counts = np.zeros(dataset.num_classes, dtype=np.int64)
-    label_counts = np.zeros(IGNORE + 1, dtype=np.int64)
+    label_counts = np.zeros(IGNORE_INDEX + 1, dtype=np.int64)
     num_masks = 0
     for i in range(len(dataset)):
         stored = dataset.checked_image(i)
@@ -50,16 +50,16 @@ def dataset_stats(dataset: ImageDataset) -> dict:
         image_counts += labels.numpy() > 0.5
         if mask is not None:
             num_masks += 1
-            label_counts += np.bincount(mask.ravel(), minlength=IGNORE + 1)
+            label_counts += np.bincount(mask.ravel(), minlength=IGNORE_INDEX + 1)
     offset = 1 if dataset.has_background else 0
     names = dataset.class_names[offset:]
     pixel_fraction = background_fraction = ignore_fraction = None
     if num_masks:
-        labelled = max(int(label_counts[:IGNORE].sum()), 1)
+        labelled = max(int(label_counts[:IGNORE_INDEX].sum()), 1)
         pixel_fraction = (label_counts[offset:offset + dataset.num_classes] / labelled).tolist()
         if offset:
             background_fraction = float(label_counts[0] / labelled)
-        ignore_fraction = float(label_counts[IGNORE] / label_counts.sum())
+        ignore_fraction = float(label_counts[IGNORE_INDEX] / label_counts.sum())
     return {
         "num_images": len(dataset),
         "num_masks": num_masks,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE = 255
+from ..conventions import IGNORE_INDEX
+
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
@@ -54,7 +55,7 @@ def rotate_pair(image: np.ndarray, mask: np.ndarray,
     image = _per_channel(image, lambda p: p.rotate(degrees, Image.Resampling.BILINEAR,
                                                    fillcolor=0))
     mask = np.asarray(Image.fromarray(mask).rotate(degrees, Image.Resampling.NEAREST,
-                                                   fillcolor=IGNORE))
+                                                   fillcolor=IGNORE_INDEX))
     return image, mask
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conventions import IGNORE_INDEX
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,7 +40,6 @@ from .base import (
     read_names,
 )
 from .image_io import read_mask
-from .transforms import IGNORE
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -123,8 +123,8 @@ class VOCDataset(ImageDataset):
             return None
         mask = read_mask(path)
         if not self.num_classes_check:
-            bad = (mask > self.max_label) & (mask != IGNORE)
-            mask = np.where(bad, IGNORE, mask).astype(np.uint8)
+            bad = (mask > self.max_label) & (mask != IGNORE_INDEX)
+            mask = np.where(bad, IGNORE_INDEX, mask).astype(np.uint8)
         check_mask(mask, path, self.image_paths[i], image_shape, self.max_label)
         return mask
 

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ..process_group import get_rank, get_world_size, in_process_group, is_distributed
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -59,26 +61,11 @@ def _env_int(name: str, default: int) -> int:
                          "by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)") from None
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_rank() -> int:
-    """Global rank of this process (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """Number of processes (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def is_main_process() -> bool:
     """True on rank 0, the process that logs and writes files. Outside a process group (before
     training joins it or after it leaves) the rank torchrun gave this process (``RANK``)
     decides, so that only one process prints a run's summary."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         return dist.get_rank() == 0
     return _env_int("RANK", 0) == 0
 
@@ -91,7 +78,7 @@ def barrier() -> None:
 
 def cleanup() -> None:
     """Leave and destroy the process group (no-op without one)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
 
 
@@ -114,7 +101,7 @@ def init_distributed(device: torch.device, timeout: timedelta | None = None) -> 
     that is already initialised (by the caller) is used as it is, with ``owns_group=False``.
     ``timeout`` bounds every collective (torch's default when None).
     """
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", rank)
         return DistContext(rank, world, local_rank, _device_for_rank(device, local_rank), False)

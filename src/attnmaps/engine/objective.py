@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import TrainConfig
+from ..conventions import IGNORE_INDEX
 from ..losses import CAMALLoss
 from ..models.vit import ClassTokenViT
-
-IGNORE = 255
+from ..process_group import get_world_size, in_process_group
 
 
 class WSSSObjective:
@@ -60,13 +60,12 @@ class WSSSObjective:
         keep = masks.flatten(1).any(1)
         image, cls, masks = image[keep], cls[keep], masks[keep]
         count = torch.tensor(float(len(image)), device=maps.device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
+        world = get_world_size()
+        if in_process_group():
             dist.all_reduce(count)
         if len(image) == 0:
             return maps.sum() * 0.0
-        valid = label_masks[image] != IGNORE
+        valid = label_masks[image] != IGNORE_INDEX
         every_map = torch.ones(len(image), dtype=torch.bool, device=maps.device)
         local_mean = self.guide(maps[image, cls], masks, every_map, valid)
         return local_mean * len(image) * world / count.clamp_min(1.0)

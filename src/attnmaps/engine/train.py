@@ -61,7 +61,7 @@ from .distributed import (
     is_main_process,
     sync_buffers,
 )
-from .evaluate import evaluate
+from .evaluate import eval_options, evaluate
 from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
 
@@ -293,9 +293,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         last = epoch == cfg.train.epochs - 1
         settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
                                                    tta_scales=[1.0], tta_flip=False)
-        metrics = evaluate(model, val_set, settings, cfg.model.attn_blocks, device,
-                           batch_size=batch_size, has_background=val_set.has_background,
-                           precision=cfg.train.precision)
+        metrics = evaluate(model, val_set, settings,
+                           **{**eval_options(cfg), "batch_size": batch_size})
         metrics["images_per_second"] = images_per_second
         rng_by_rank = gather_objects(capture_rng_state())
         if ctx.is_main:

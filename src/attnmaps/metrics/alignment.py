@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..conventions import min_max_normalize
+from .sync import all_reduce_sum
 
 
 def _check(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,18 +38,6 @@ def _check(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
 
 def _nan_where_empty(scores: Tensor, masks: Tensor) -> Tensor:
     return scores.masked_fill(~masks.flatten(1).any(dim=1), math.nan)
-
-
-def min_max_normalise(maps: Tensor) -> Tensor:
-    """Scale each map [B,H,W] to [0,1] by its own minimum and maximum; constant maps become 0.
-
-    >>> min_max_normalise(torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]])).tolist()
-    [[[0.0, 1.0]], [[0.0, 0.0]]]
-    """
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values[:, None, None]
-    span = flat.max(dim=1).values[:, None, None] - low
-    return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny), 0.0)
 
 
 def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
@@ -90,9 +80,9 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 15) -> Tensor:
 
 
 def thresholded_iou(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
-    """IoU of (`min_max_normalise(map)` >= threshold) with the mask. NaN when the mask is empty."""
+    """IoU of (`min_max_normalize(map)` >= threshold) with the mask. NaN when the mask is empty."""
     maps, masks = _check(maps, masks)
-    predicted = min_max_normalise(maps) >= threshold
+    predicted = min_max_normalize(maps) >= threshold
     intersection = (predicted & masks).sum(dim=(1, 2)).double()
     union = (predicted | masks).sum(dim=(1, 2)).double()
     return _nan_where_empty(intersection / union.clamp(min=1), masks)
@@ -188,19 +178,14 @@ class AlignmentMetric:
         self.sums += torch.where(defined, scores, 0.0).sum(dim=1)
         self.counts += defined.sum(dim=1)
 
-    def all_reduce(self) -> None:
-        """Sum the states over processes (no-op without torch.distributed). Call once, after the
-        last `update`."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-            dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
-
     def compute(self) -> dict[str, float]:
-        """Mean of each score over the images where it is defined (NaN when there are none)."""
-        means = self.sums / self.counts.clamp(min=1)
+        """Mean of each score over the images where it is defined (NaN when there are none), over
+        every process inside a process group (every process must call it; safe to call again)."""
+        sums, counts = all_reduce_sum(self.sums), all_reduce_sum(self.counts)
+        means = sums / counts.clamp(min=1)
         return {
             name: mean.item() if count > 0 else math.nan
-            for name, mean, count in zip(self.names, means, self.counts.tolist())
+            for name, mean, count in zip(self.names, means, counts.tolist())
         }
 
     def reset(self) -> None:

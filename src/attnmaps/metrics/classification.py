@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from .sync import all_gather_cat
 
 
 def average_precision(scores: Tensor, positives: Tensor) -> float:
@@ -68,26 +69,17 @@ class MultiLabelMetric:
         self.probs.append(probs.detach().float().cpu())
         self.labels.append(labels.detach().cpu() != 0)
 
-    def all_reduce(self) -> None:
-        """Replace the local samples by those of all processes, in rank order (no-op without
-        torch.distributed). Call once, after the last `update`."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        local = (self._cat(self.probs, torch.float32), self._cat(self.labels, torch.bool))
-        gathered: list[tuple[Tensor, Tensor] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        self.probs = [probs for probs, _ in gathered]
-        self.labels = [labels for _, labels in gathered]
-
     def _cat(self, parts: list[Tensor], dtype: torch.dtype) -> Tensor:
         if not parts:
             return torch.zeros(0, self.num_classes, dtype=dtype)
         return torch.cat(parts)
 
     def compute(self) -> dict:
-        """map, per_class_ap, exact_match, label_accuracy and f1 of all samples so far."""
-        probs = self._cat(self.probs, torch.float32)
-        labels = self._cat(self.labels, torch.bool)
+        """map, per_class_ap, exact_match, label_accuracy and f1 of all samples so far, those of
+        every process together inside a process group (every process must call it; safe to call
+        again)."""
+        probs = all_gather_cat(self._cat(self.probs, torch.float32))
+        labels = all_gather_cat(self._cat(self.labels, torch.bool))
         if probs.shape[0] == 0:
             raise ValueError("MultiLabelMetric.compute called before any update")
         per_class_ap = [average_precision(probs[:, k], labels[:, k]) for k in range(probs.shape[1])]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnmaps.metrics.alignment import min_max_normalise
+from attnmaps.conventions import min_max_normalize
 
 PredictFn = Callable[[Tensor], Tensor]
 
@@ -241,7 +241,7 @@ def road(
 def average_drop_increase(predict_fn: PredictFn, images: Tensor, maps: Tensor) -> dict:
     """Grad-CAM++'s Average Drop and Increase in Confidence (Chattopadhay et al. 2018), in %.
 
-    Y is the score of an image and O that of the image multiplied by its `min_max_normalise`d map
+    Y is the score of an image and O that of the image multiplied by its `min_max_normalize`d map
     (over all channels). Returns `average_drop` = mean(max(0, Y - O) / Y) * 100 and
     `increase_in_confidence` = mean(O > Y) * 100 as floats, plus their per-image terms `drop`
     [B] and `increase` [B] (float64, in %) for pooling over batches. Scores must be positive.
@@ -252,7 +252,7 @@ def average_drop_increase(predict_fn: PredictFn, images: Tensor, maps: Tensor) -
         raise ValueError(
             f"average drop needs positive scores on the unmasked images, got {full.tolist()}"
         )
-    masked = _predict(predict_fn, images * min_max_normalise(maps)[:, None].to(images))
+    masked = _predict(predict_fn, images * min_max_normalize(maps)[:, None].to(images))
     drop = (full - masked).clamp(min=0) / full * 100
     increase = (masked > full).double() * 100
     return {

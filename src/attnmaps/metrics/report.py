@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from attnmaps.atomic import atomic_write
+from attnmaps.conventions import IGNORE_INDEX
 from attnmaps.data.image_io import read_mask
 from attnmaps.metrics.segmentation import confusion_matrix, metrics_from_confusion
-
-IGNORE_INDEX = 255
 
 
 def to_jsonable(value: object) -> object:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from ..conventions import IGNORE_INDEX
+from .sync import all_reduce_sum
 
 
 def confusion_matrix(
-    pred: Tensor, target: Tensor, num_labels: int, ignore_index: int = 255
+    pred: Tensor, target: Tensor, num_labels: int, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """Count (target, pred) label pairs into an int64 [L,L] matrix, skipping ignored targets.
 
@@ -76,7 +78,7 @@ class SegmentationMetric:
     """
 
     def __init__(
-        self, num_labels: int, ignore_index: int = 255, device: torch.device | str | None = None
+        self, num_labels: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None
     ) -> None:
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
@@ -93,18 +95,11 @@ class SegmentationMetric:
             pred.to(device), target.to(device), self.num_labels, self.ignore_index
         )
 
-    def all_reduce(self) -> None:
-        """Sum the confusion matrix over processes (no-op without torch.distributed).
-
-        Call once, after the last `update`: every call adds the other processes' counts again.
-        """
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.confusion, op=dist.ReduceOp.SUM)
-
     def compute(self) -> dict:
-        """Metrics of everything accumulated so far: miou, per_class_iou, pixel_acc, mean_acc,
-        confusion."""
-        return metrics_from_confusion(self.confusion)
+        """Metrics of everything accumulated so far, on every process together inside a process
+        group (every process must call it; safe to call again): miou, per_class_iou, pixel_acc,
+        mean_acc, confusion."""
+        return metrics_from_confusion(all_reduce_sum(self.confusion))
 
     def reset(self) -> None:
         """Zero the confusion matrix."""

@@ -23,21 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..conventions import min_max_normalize
+
 UNASSIGNED = -1
 
 
 def _check_ndim(name: str, tensor: Tensor, ndim: int, layout: str) -> None:
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(tensor.shape)}")
-
-
-def normalize_maps(maps: Tensor) -> Tensor:
-    """Min-max normalise each map of ``maps`` [B,K,h,w] to [0, 1]; a constant map becomes zeros."""
-    _check_ndim("maps", maps, 4, "[B,K,h,w]")
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    span = maps.amax(dim=(-2, -1), keepdim=True) - low
-    safe_span = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (maps - low) / safe_span, torch.zeros_like(maps))
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -194,7 +187,7 @@ def make_pseudo_masks(
     _check_ndim("maps", maps, 4, "[B,K,h,w]")
     classes, valid = selected_indices(select_classes(probs, labels, prob_threshold))
     picked = maps.gather(1, classes[:, :, None, None].expand(-1, -1, *maps.shape[-2:]))
-    full = normalize_maps(upsample_maps(picked, image_size))
+    full = min_max_normalize(upsample_maps(picked, image_size))
     slots = merge_masks(full, probs.gather(1, classes), valid, threshold, has_background=False)
     claimed = slots != UNASSIGNED
     winners = classes.gather(1, slots.clamp(min=0).flatten(1)).view_as(slots)
