@@ -13,11 +13,11 @@ from attnmaps.demo import NUM_VAL, demo_config_path
 from attnmaps.engine.train import train
 
 
-def ensure_data(root: Path, num_train: int, num_val: int = NUM_VAL, colours: int = 0) -> Path:
-    """The demo's synthetic set at ``root`` (written once); ``colours`` as in
+def ensure_data(root: Path, num_train: int, num_val: int = NUM_VAL, colors: int = 0) -> Path:
+    """The demo's synthetic set at ``root`` (written once); ``colors`` as in
     :func:`~attnmaps.data.synthetic.write_synthetic_voc`."""
     if not (root / "ImageSets").exists():
-        write_synthetic_voc(root, num_train=num_train, num_val=num_val, colours=colours)
+        write_synthetic_voc(root, num_train=num_train, num_val=num_val, colors=colors)
     return root
 
 

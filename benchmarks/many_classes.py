@@ -1,6 +1,6 @@
 """Pseudo-mask quality with many classes: class tokens in every block vs class attention.
 
-Writes the synthetic set with ``--colours n`` (4 n classes: every shape in n hues, see
+Writes the synthetic set with ``--colors n`` (4 n classes: every shape in n hues, see
 ``attnmaps.data.synthetic``), trains the demo model from scratch in both designs for each seed
 (``model.class_blocks=0``: class tokens in every block; ``model.class_blocks=2``: CaiT-style
 class attention in the last 2 blocks) and prints pseudo-mask mIoU from predicted and true labels,
@@ -9,9 +9,9 @@ are also scored with maps from their last 2 blocks only (where class attention r
 as the demo config averages all blocks' maps); writes
 ``--out/many_classes.json``. Finished runs are read back, so an interrupted run resumes.
 
-    python benchmarks/many_classes.py --out runs/many --colours 12 --epochs 8 --seeds 2 \
+    python benchmarks/many_classes.py --out runs/many --colors 12 --epochs 8 --seeds 2 \
         --equal-time-epochs 13       # + class attention for about the all-blocks training time
-    python benchmarks/many_classes.py --out runs/many_quick --colours 3 --epochs 1 --seeds 1 \
+    python benchmarks/many_classes.py --out runs/many_quick --colors 3 --epochs 1 --seeds 1 \
         --num-train 200 --num-val 40                           # a minute: checks it runs
 """
 
@@ -64,7 +64,7 @@ def last_blocks_scores(out: Path, trained: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/many_classes"))
-    parser.add_argument("--colours", type=int, default=12, help="hues per shape: 4n classes")
+    parser.add_argument("--colors", type=int, default=12, help="hues per shape: 4n classes")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--num-train", type=int, default=6000)
@@ -72,15 +72,15 @@ def main() -> None:
     parser.add_argument("--equal-time-epochs", type=int, default=0,
                         help="also train class attention this many epochs (0: no)")
     args = parser.parse_args()
-    if args.colours < 1:
-        parser.error(f"--colours {args.colours}: need at least 1 hue per shape")
-    data = ensure_data(args.out / "data", args.num_train, args.num_val, args.colours)
+    if args.colors < 1:
+        parser.error(f"--colors {args.colors}: need at least 1 hue per shape")
+    data = ensure_data(args.out / "data", args.num_train, args.num_val, args.colors)
     results = run_variants(args.out, data, variants(args.epochs, args.equal_time_epochs),
                            args.seeds, KEYS)
     results[f"all blocks, maps of the last {CLASS_BLOCKS} (class_blocks=0)"] = last_blocks_scores(
         args.out, results[ALL_BLOCKS])
     summary = summarise(results, KEYS)
-    print(f"{len(class_names(args.colours)) - 1} classes, {args.epochs} epochs, "
+    print(f"{len(class_names(args.colors)) - 1} classes, {args.epochs} epochs, "
           f"{args.seeds} seed(s)")
     print_summary(summary, KEYS)
     payload = {"config": {**vars(args), "out": str(args.out)}, "runs": results,

@@ -7,7 +7,7 @@ explicitly in every block (``q @ k^T``, softmax, ``@ v``), returns every block's
 a Python loop over images x classes and reads the logits from all class tokens at once with a
 K*D -> K linear layer; the loss is BCE on the sigmoid outputs plus the L0 gate penalty. Pseudo
 masks are made image by image: per predicted class in order of increasing probability the map
-is upsampled, normalised and thresholded, and unassigned pixels are then filled by a per-pixel
+is upsampled, normalized and thresholded, and unassigned pixels are then filled by a per-pixel
 breadth-first search from their assigned neighbours.
 
 :class:`ReferenceViT` has the parameters (names and shapes) of ``attnmaps``' ``ClassTokenViT``
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,7 +84,8 @@ class ReferenceBlock(nn.Module):
         self.attn = ReferenceAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                             fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out, attn = self.attn(self.norm1(x))
@@ -115,20 +116,20 @@ class ReferenceViT(nn.Module):
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.patch_embed = PatchProjection(in_chans, embed_dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
-        self.cls_tokens = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
-        self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
         self.blocks = nn.ModuleList(ReferenceBlock(embed_dim, num_heads, mlp_ratio)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(num_classes * embed_dim, num_classes)
-        for p in (self.pos_embed, self.cls_tokens, self.reg_tokens):
+        for p in (self.pos_embed, self.cls_token, self.reg_token):
             nn.init.trunc_normal_(p, std=0.02)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         batch, k = x.shape[0], self.num_classes
         patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
-        tokens = torch.cat([self.cls_tokens.expand(batch, -1, -1), patches,
-                            self.reg_tokens.expand(batch, -1, -1)], dim=1)
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), patches,
+                            self.reg_token.expand(batch, -1, -1)], dim=1)
         weights = []
         for block in self.blocks:
             tokens, attn = block(tokens)
@@ -187,7 +188,7 @@ def reference_pseudo_masks(maps: Tensor, probs: Tensor, image_size: tuple[int, i
 
     Classes with ``probs >= prob_threshold`` (else the most probable one, as in ``attnmaps``)
     are painted in order of increasing probability: bilinear upsampling of the class map,
-    min-max normalisation, ``>= threshold``. Unpainted pixels are filled by :func:`bfs_fill`;
+    min-max normalization, ``>= threshold``. Unpainted pixels are filled by :func:`bfs_fill`;
     pixels still unassigned (nothing painted at all) become 0.
     """
     out = []

@@ -71,7 +71,7 @@ def test_dilation_matches_distance_transform():
 
 
 def test_thresholded_iou_hand_example():
-    maps = torch.arange(9.0).reshape(1, 3, 3) + 10  # normalised >= 0.5: values 14..18
+    maps = torch.arange(9.0).reshape(1, 3, 3) + 10  # normalized >= 0.5: values 14..18
     masks = torch.tensor([[[False, False, False], [True, False, False], [True, True, True]]])
     # prediction {(1,1),(1,2),(2,0),(2,1),(2,2)}, mask {(1,0),(2,0),(2,1),(2,2)}: 3 / 6
     assert thresholded_iou(maps, masks).item() == pytest.approx(0.5)

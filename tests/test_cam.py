@@ -67,14 +67,14 @@ def make_vit() -> ClassTokenViT:
                          num_heads=2)
 
 
-def test_predict_train_mode_gradient_reaches_cls_tokens():
+def test_predict_train_mode_gradient_reaches_the_class_tokens():
     model = make_vit().train()
     images = torch.randn(2, 3, 16, 16)
     logits, maps = model.predict(images, labels=torch.tensor([[1.0, 0, 0], [0, 1, 1]]))
     assert logits.shape == (2, 3) and maps.shape == (2, 3, 2, 2)
     (maps[:, 0] ** 2).sum().backward()
-    assert model.cls_tokens.grad is not None
-    assert model.cls_tokens.grad[0, 0].abs().sum() > 0
+    assert model.cls_token.grad is not None
+    assert model.cls_token.grad[0, 0].abs().sum() > 0
 
 
 def test_predict_with_labels_masks_absent_class_tokens_in_training_only():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnmaps.engine import checkpoint as ckpt
-from attnmaps.engine.checkpoint import (
+from attnmaps import checkpoint as ckpt
+from attnmaps.checkpoint import (
     capture_rng_state,
     checkpoint_paths,
     load_checkpoint,

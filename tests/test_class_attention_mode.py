@@ -70,12 +70,12 @@ def ref_forward(model: ClassTokenViT, x: torch.Tensor) -> dict:
     feats = model.patch_embed(x)
     b, d, gh, gw = feats.shape
     patches = feats.permute(0, 2, 3, 1).reshape(b, gh * gw, d) + model.pos_embed
-    seq = torch.cat([patches, model.reg_tokens.expand(b, -1, -1)], dim=1)
+    seq = torch.cat([patches, model.reg_token.expand(b, -1, -1)], dim=1)
     first = len(model.blocks) - model.class_blocks
     for block in model.blocks[:first]:  # self-attention over [patches | REG] only
         seq = seq + ref_attention(block.attn, block.norm1(seq))[0]
         seq = seq + block.mlp(block.norm2(seq))
-    cls = model.cls_tokens.expand(b, -1, -1)
+    cls = model.cls_token.expand(b, -1, -1)
     probs = {}
     for i in range(first, len(model.blocks)):  # class tokens query [CLS | patches | REG]
         block = model.blocks[i]
@@ -156,13 +156,13 @@ def test_patch_outputs_do_not_depend_on_class_tokens():
     x = images(dtype=torch.float32)
     model = randomise(make_model()).train()
     out = model.forward_features(x)
-    (grad,) = torch.autograd.grad(out["patch"].sum() + out["reg"].sum(), model.cls_tokens,
+    (grad,) = torch.autograd.grad(out["patch"].sum() + out["reg"].sum(), model.cls_token,
                                   allow_unused=True)
     assert grad is None or torch.count_nonzero(grad) == 0
     model.eval()
     before = model.forward_features(x)
     with torch.no_grad():
-        model.cls_tokens.add_(torch.randn_like(model.cls_tokens))
+        model.cls_token.add_(torch.randn_like(model.cls_token))
     after = model.forward_features(x)
     assert torch.equal(after["patch"], before["patch"])
     assert torch.equal(after["reg"], before["reg"])
@@ -170,7 +170,7 @@ def test_patch_outputs_do_not_depend_on_class_tokens():
 
     everywhere = randomise(make_model(class_blocks=0)).eval()  # the same check can fail
     out = everywhere.forward_features(x)
-    (grad,) = torch.autograd.grad(out["patch"].sum(), everywhere.cls_tokens)
+    (grad,) = torch.autograd.grad(out["patch"].sum(), everywhere.cls_token)
     assert torch.count_nonzero(grad) > 0
 
 
@@ -179,7 +179,7 @@ def test_patch_outputs_equal_first_blocks_alone(class_blocks):
     model = randomise(make_model(class_blocks=class_blocks)).double().eval()
     x = images()
     patches = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
-    seq = torch.cat([patches, model.reg_tokens.expand(2, -1, -1)], dim=1)
+    seq = torch.cat([patches, model.reg_token.expand(2, -1, -1)], dim=1)
     for block in model.blocks[:3 - class_blocks]:
         seq = block(seq)[0]
     seq = model.norm(seq)
@@ -259,9 +259,9 @@ def test_shapes_and_backward(k, head):
     loss = F.binary_cross_entropy_with_logits(logits, labels) + maps.square().mean()
     (loss + 0.01 * model.l0_penalty()).backward()
     params = dict(model.named_parameters())
-    for name in ("cls_tokens", "pos_embed", "reg_tokens", "blocks.0.attn.gate.log_alpha",
+    for name in ("cls_token", "pos_embed", "reg_token", "blocks.0.attn.gate.log_alpha",
                  "blocks.0.attn.qkv.weight", "blocks.2.attn.gate.log_alpha",
-                 "blocks.2.attn.qkv.weight", "blocks.2.mlp.0.weight"):
+                 "blocks.2.attn.qkv.weight", "blocks.2.mlp.fc1.weight"):
         grad = params[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     model.eval()

@@ -10,12 +10,12 @@ from torch.testing import assert_close
 
 from attnmaps.models.convert import (
     convert_state_dict,
-    is_attnmaps_checkpoint,
     load_pretrained,
     resample_patch_kernel,
     resample_pos_embed,
     resize_matrix,
 )
+from attnmaps.models.factory import is_attnmaps_checkpoint
 from attnmaps.models.vit import ClassTokenViT
 
 DIM, DEPTH, HEADS, PATCH, GRID = 32, 2, 2, 4, 4
@@ -151,8 +151,8 @@ def test_class_tokens_and_registers_start_from_cls():
     model = make_model(k=3, registers=2)
     converted, report = convert_into(model, sd)
     start = sd["cls_token"][0, 0] + sd["pos_embed"][0, 0]
-    assert_close(converted["cls_tokens"], start.expand(1, 3, DIM))
-    assert_close(converted["reg_tokens"], start.expand(1, 2, DIM))
+    assert_close(converted["cls_token"], start.expand(1, 3, DIM))
+    assert_close(converted["reg_token"], start.expand(1, 2, DIM))
     assert "register_tokens" in report.dropped
     assert any("register tokens (2) start from the cls_token" in note for note in report.notes)
 
@@ -163,7 +163,7 @@ def test_distilled_deit_drops_dist_token_and_its_position():
     converted, report = convert_into(model, sd)
     assert {"dist_token", "head_dist.weight", "head_dist.bias"} <= set(report.dropped)
     assert_close(converted["pos_embed"], sd["pos_embed"][:, 2:])
-    assert_close(converted["cls_tokens"], sd["cls_token"] + sd["pos_embed"][:, :1])
+    assert_close(converted["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1])
     # The same ViT without its distillation token (and that token's position slot).
     plain = {k: v for k, v in sd.items() if k != "dist_token"}
     plain["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], 1)
@@ -210,7 +210,7 @@ def _chunked(sd):
 
 
 def _dino_training_checkpoint(sd, other):
-    teacher = {**_prefixed(sd, "backbone."), "head.mlp.0.weight": other["head.weight"]}
+    teacher = {**_prefixed(sd, "backbone."), "head.mlp.fc1.weight": other["head.weight"]}
     return {"teacher": teacher, "student": _prefixed(other, "module.backbone."), "epoch": 3}
 
 

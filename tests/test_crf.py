@@ -61,10 +61,10 @@ def test_missing_extra_names_the_install_command(monkeypatch):
         crf_refine(image, probs)
 
 
-def test_images_to_uint8_range_undoes_normalisation():
-    colours = torch.tensor([[[[0.0, 255.0]], [[51.0, 102.0]], [[128.0, 300.0]]]])
+def test_images_to_uint8_range_undoes_normalization():
+    colors = torch.tensor([[[[0.0, 255.0]], [[51.0, 102.0]], [[128.0, 300.0]]]])
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.5])
-    images = (colours / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    images = (colors / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     got = images_to_uint8_range(images, mean, std)
     assert got.shape == (1, 1, 2, 3)
     np.testing.assert_allclose(got[0, 0], [[0, 51, 128], [255, 102, 255]], atol=1e-3)
@@ -83,8 +83,8 @@ def samples(count: int = 2) -> list[dict]:
             for i in range(count)]
 
 
-class NormalisedSet(list):
-    """A list of samples with the per-channel statistics they were normalised with."""
+class NormalizedSet(list):
+    """A list of samples with the per-channel statistics they were normalized with."""
 
     mean = torch.tensor([0.5, 0.5, 0.5])
     std = torch.tensor([0.25, 0.25, 0.25])
@@ -132,7 +132,7 @@ def test_crf_pseudo_masks_use_only_the_selected_labels():
 
 def test_evaluate_applies_crf_to_the_pseudo_masks():
     pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
-    model, data = tiny_model(), NormalisedSet(samples())
+    model, data = tiny_model(), NormalizedSet(samples())
     seen = []
     evaluate(model, data, PseudoMaskConfig(crf=True, threshold=0.4),
              on_batch=lambda batch, probs, maps, masks: seen.append(masks))

@@ -6,7 +6,7 @@ from PIL import Image, ImageEnhance
 from attnmaps.data.image_io import write_image, write_mask
 from attnmaps.data.transforms import (
     Augment,
-    adjust_colour,
+    adjust_color,
     random_crop_box,
     resize_image,
     resize_mask,
@@ -113,14 +113,14 @@ def test_rotation():
     assert len({m.tobytes() for m in masks}) == 5 and any((m == 255).any() for m in masks)
 
 
-def test_adjust_colour_matches_pil_enhance():
+def test_adjust_color_matches_pil_enhance():
     rgb = np.random.default_rng(3).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
     pil = Image.fromarray(rgb)
     for enhancer, factor in ((ImageEnhance.Brightness, 1.3), (ImageEnhance.Contrast, 0.6),
                              (ImageEnhance.Color, 1.4)):
         pil = enhancer(pil).enhance(factor)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
-    ours = adjust_colour(tensor, 1.3, 0.6, 1.4).permute(1, 2, 0).numpy()
+    ours = adjust_color(tensor, 1.3, 0.6, 1.4).permute(1, 2, 0).numpy()
     assert np.abs(ours - np.asarray(pil) / 255).max() < 3 / 255
 
 

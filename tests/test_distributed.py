@@ -14,23 +14,23 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from attnmaps.checkpoint import load_weights
 from attnmaps.config import load_config
 from attnmaps.data.registry import build_dataset
 from attnmaps.data.synthetic import write_synthetic_voc
-from attnmaps.engine.checkpoint import load_weights
 from attnmaps.engine.distributed import (
-    ShardedSampler,
+    DistContext,
     cleanup,
-    epoch_permutation,
     init_distributed,
     is_main_process,
     shard_indices,
 )
 from attnmaps.engine.evaluate import evaluate
-from attnmaps.engine.train import batch_layout, build_model
+from attnmaps.engine.train import batch_layout, training_sampler
 from attnmaps.metrics.alignment import AlignmentMetric
 from attnmaps.metrics.classification import MultiLabelMetric
 from attnmaps.metrics.segmentation import SegmentationMetric
+from attnmaps.models.factory import create_model
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -107,7 +107,7 @@ def _worker(rank: int, ports: tuple[int, int], data_root: Path, out: Path) -> No
     record["metrics"] = engine.train(_config(data_root, out / "straight"))
     engine.train(_config(data_root, out / "broken"), resume=True)
     cfg = _config(data_root, out / "straight")
-    model = build_model(cfg.model, num_classes=4)
+    model = create_model(cfg.model, num_classes=4)
     load_weights(out / "straight" / "last.safetensors", model)
     ids: list[str] = []
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -195,7 +195,7 @@ def test_resume_under_ddp_continues_the_same_run(ddp_run: tuple[Path, list]) -> 
 def test_reduced_metrics_equal_single_process(ddp_run: tuple[Path, list], data_root: Path) -> None:
     out, records = ddp_run
     cfg = _config(data_root, out / "straight")
-    model = build_model(cfg.model, num_classes=4)
+    model = create_model(cfg.model, num_classes=4)
     load_weights(out / "straight" / "last.safetensors", model)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)
     expected = evaluate(model, val, cfg.pseudo, attn_blocks=cfg.model.attn_blocks, batch_size=1)
@@ -225,21 +225,20 @@ def test_metrics_compute_twice_under_two_processes(ddp_run: tuple[Path, list]) -
                         assert got[key] == pytest.approx(value, nan_ok=True), key
 
 
-def test_sharded_sampler_splits_one_permutation() -> None:
+def _sampler(size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0) -> list[int]:
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), False)
+    sampler = training_sampler(list(range(size)), seed, ctx)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_training_sampler_splits_one_permutation() -> None:
     size, seed, epoch, per_rank_batch = 12, 5, 3, 2
-    order = epoch_permutation(size, seed, epoch)
-    assert torch.equal(order, torch.randperm(
-        size, generator=torch.Generator().manual_seed(seed * 100003 + epoch)))
-    single = ShardedSampler(size, seed)
-    single.set_epoch(epoch)
-    assert list(single) == order.tolist()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    assert _sampler(size, seed, epoch=epoch) == order.tolist()
     for world in (2, 3, 4):
-        shards = []
-        for rank in range(world):
-            sampler = ShardedSampler(size, seed, rank, world)
-            sampler.set_epoch(epoch)
-            shards.append(list(sampler))
-            assert len(shards[-1]) == len(sampler) == size // world
+        shards = [_sampler(size, seed, rank, world, epoch) for rank in range(world)]
+        assert all(len(shard) == size // world for shard in shards)
         assert sorted(i for shard in shards for i in shard) == list(range(size))
         # Step s of all ranks together is the single-process batch s.
         for s in range(size // (per_rank_batch * world)):
@@ -247,12 +246,10 @@ def test_sharded_sampler_splits_one_permutation() -> None:
                               for i in shard[s * per_rank_batch:(s + 1) * per_rank_batch])
             batch = order[s * per_rank_batch * world:(s + 1) * per_rank_batch * world]
             assert together == sorted(batch.tolist())
-    uneven = [list(ShardedSampler(10, seed, rank, 3)) for rank in range(3)]
+    uneven = [_sampler(10, seed, rank, 3) for rank in range(3)]
     assert all(len(shard) == 3 for shard in uneven)
     assert len({i for shard in uneven for i in shard}) == 9
-    other_epoch = ShardedSampler(size, seed)
-    other_epoch.set_epoch(epoch + 1)
-    assert list(other_epoch) != order.tolist()
+    assert _sampler(size, seed, epoch=epoch + 1) != order.tolist()
 
 
 def test_shard_indices_cover_every_sample_once() -> None:

@@ -206,7 +206,7 @@ def test_road_removes_the_right_pixels_and_adds_noise_only_there():
 
 def test_average_drop_and_increase_hand_example():
     images = torch.tensor([[[[1.0, 0.5]]], [[[0.5, 0.25]]]])
-    maps = torch.tensor([[[0.3, 0.1]], [[0.0, 2.0]]])  # normalised: [1, 0] and [0, 1]
+    maps = torch.tensor([[[0.3, 0.1]], [[0.0, 2.0]]])  # normalized: [1, 0] and [0, 1]
 
     def score(x: torch.Tensor) -> torch.Tensor:
         return 1 + x[:, 0, 0, 0] - x[:, 0, 0, 1]

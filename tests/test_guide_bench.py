@@ -11,7 +11,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from attnmaps.guide.bench import METRICS, BenchConfig, run_guide_bench, summarise
-from attnmaps.guide.cue_data import CUE_COLOUR, MEAN, STD, cue_box, make_cue_split
+from attnmaps.guide.cue_data import CUE_COLOR, MEAN, STD, cue_box, make_cue_split
 from attnmaps.guide.gap_net import GAPConvNet
 from attnmaps.guide.methods import METHODS, method_loss
 from attnmaps.guide.stats import best_method, welch_t_test
@@ -29,10 +29,10 @@ def test_cue_tracks_the_class_in_training_and_not_in_test() -> None:
 
 def test_mark_is_drawn_in_its_corner_and_is_never_part_of_the_mask() -> None:
     split = make_cue_split(12, size=32, seed=0, cue_agreement=1.0, cue_size=4)
-    colour = (torch.tensor(CUE_COLOUR).view(3, 1, 1) - MEAN) / STD
+    color = (torch.tensor(CUE_COLOR).view(3, 1, 1) - MEAN) / STD
     for image, mask, corner in zip(split.images, split.masks, split.cue):
         rows, cols = cue_box(int(corner), 32, 4)
-        assert (image[:, rows, cols] - colour).abs().max() < 0.03 * 4 / STD + 1e-6
+        assert (image[:, rows, cols] - color).abs().max() < 0.03 * 4 / STD + 1e-6
         assert not mask[rows, cols].any()
         assert mask.sum() > 30  # the shape itself is there
     assert cue_box(3, 32, 4) == (slice(27, 31), slice(27, 31))

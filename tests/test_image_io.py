@@ -5,7 +5,7 @@ from PIL import Image
 from attnmaps.data.image_io import VOC_PALETTE, read_image, read_mask, write_image, write_mask
 
 
-def test_palette_known_colours():
+def test_palette_known_colors():
     assert VOC_PALETTE.shape == (256, 3) and VOC_PALETTE.dtype == np.uint8
     assert VOC_PALETTE[0].tolist() == [0, 0, 0]
     assert VOC_PALETTE[1].tolist() == [128, 0, 0]
@@ -49,7 +49,7 @@ def test_read_mask_index_and_rgb(tmp_path):
     assert np.array_equal(read_mask(tmp_path / "rgb.png"), mask)
 
 
-def test_read_mask_rejects_foreign_colour(tmp_path):
+def test_read_mask_rejects_foreign_color(tmp_path):
     rgb = np.zeros((2, 3, 3), dtype=np.uint8)
     rgb[1, 2] = (1, 2, 3)
     Image.fromarray(rgb).save(tmp_path / "bad.png")

@@ -57,7 +57,7 @@ def test_camal_contrast_hand_value():
     maps = torch.zeros(1, 4, 4)
     maps[0, 0, 0], maps[0, 0, 1], maps[0, 1, 0] = 4.0, 2.0, 2.0
     maps[0, 3, 3], maps[0, 2, 2] = 1.0, -3.0
-    # normalised inside: 1, .5, .5, 0 -> mean(1 - A) = .5; outside: .25 once in 12 pixels
+    # normalized inside: 1, .5, .5, 0 -> mean(1 - A) = .5; outside: .25 once in 12 pixels
     expected = 1.5 * 0.5 + 0.7 * 0.25 / 12
     assert_close(CAMALLoss(1.5, 0.7)(maps, mask, YES), torch.tensor(expected))
 
@@ -154,7 +154,7 @@ def test_attention_mining_loss_hand_value():
 
 
 def test_l1_map_loss_hand_value():
-    maps = torch.tensor([[[0.0, 1.0, 2.0, 4.0, -2.0]]])  # normalised: 0, .25, .5, 1, 0
+    maps = torch.tensor([[[0.0, 1.0, 2.0, 4.0, -2.0]]])  # normalized: 0, .25, .5, 1, 0
     masks = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.0]]])
     assert_close(L1MapLoss()(maps, masks, YES), torch.tensor(0.75 / 5))
 

@@ -14,7 +14,7 @@ from attnmaps.data.mask_budget import MaskBudget, masked_subset
 from attnmaps.data.synthetic import write_synthetic_voc
 from attnmaps.engine.objective import WSSSObjective
 from attnmaps.engine.train import train
-from attnmaps.losses import max_normalise
+from attnmaps.losses import max_normalize
 from attnmaps.models.vit import ClassTokenViT
 
 
@@ -84,7 +84,7 @@ def test_objective_adds_camal_on_present_classes_of_masked_images() -> None:
     _, maps = model.predict(batch["image"], [0, 1])
     # Only image 0 has a mask and only class 0 is present there: its mask is the top-left block.
     full = F.interpolate(maps[:1, :1], size=(16, 16), mode="bilinear", align_corners=False)
-    a = max_normalise(full)[0, 0]
+    a = max_normalize(full)[0, 0]
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[:8, :8] = True
     expected = (1 - a[inside]).mean() + a[~inside].mean()
@@ -92,7 +92,7 @@ def test_objective_adds_camal_on_present_classes_of_masked_images() -> None:
     bce = F.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])
     torch.testing.assert_close(parts["loss"], bce + 2.0 * expected)
     parts["loss"].backward()
-    assert model.cls_tokens.grad is not None and model.cls_tokens.grad.abs().sum() > 0
+    assert model.cls_token.grad is not None and model.cls_token.grad.abs().sum() > 0
 
 
 def test_objective_is_zero_when_no_image_in_the_batch_has_a_mask() -> None:
@@ -120,7 +120,7 @@ def test_present_classes_without_mask_pixels_and_ignore_pixels_are_left_out() ->
     cfg = TrainConfig(gate_lambda=0.0, mask_fraction=0.5)
     parts = WSSSObjective(cfg, [0, 1], has_background=True)(model, batch, "cpu")
     _, maps = model.predict(batch["image"], [0, 1])
-    full = max_normalise(F.interpolate(maps, size=(16, 16), mode="bilinear", align_corners=False))
+    full = max_normalize(F.interpolate(maps, size=(16, 16), mode="bilinear", align_corners=False))
     expected = []
     for image, cls in ((0, 0), (1, 2)):
         a, mask = full[image, cls], batch["mask"][image]

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 import attnmaps.engine.train as engine
+from attnmaps.checkpoint import load_weights
 from attnmaps.config import ModelConfig, TrainConfig, load_config
 from attnmaps.data.synthetic import write_synthetic_voc
 from attnmaps.engine.acceleration import autocast, compile_module
-from attnmaps.engine.checkpoint import load_weights
 from attnmaps.engine.objective import WSSSObjective
-from attnmaps.engine.train import TrainStep, build_model, train
+from attnmaps.engine.train import TrainStep, train
 from attnmaps.models import vit
+from attnmaps.models.factory import create_model
 
 SMALL = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
          "model.num_heads=2", "train.batch_size=8", "train.epochs=1", "train.log_every=1",
@@ -52,7 +53,7 @@ def run(data_root: Path, out_dir: Path, *extra: str) -> dict[int, float]:
 
 def small_model() -> vit.ClassTokenViT:
     torch.manual_seed(0)
-    return build_model(ModelConfig(img_size=[32, 32], patch_size=8, embed_dim=32, depth=2,
+    return create_model(ModelConfig(img_size=[32, 32], patch_size=8, embed_dim=32, depth=2,
                                    num_heads=2), num_classes=4)
 
 
@@ -125,7 +126,7 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(
     weights = load_file(tmp_path / "compiled" / "last.safetensors")
     assert not any("_orig_mod" in name for name in weights)
     load_weights(tmp_path / "compiled" / "last.safetensors",
-                 build_model(load_config(None, SMALL).model, num_classes=4))
+                 create_model(load_config(None, SMALL).model, num_classes=4))
 
 
 def test_grad_checkpointing_gives_the_same_losses(data_root: Path, tmp_path: Path,
@@ -152,7 +153,7 @@ def test_grad_checkpointing_gives_the_same_losses(data_root: Path, tmp_path: Pat
 def test_build_model_passes_class_blocks_checkpointing_and_kernel() -> None:
     cfg = ModelConfig(img_size=[32, 32], patch_size=8, embed_dim=16, depth=3, num_heads=2,
                       class_blocks=2, grad_checkpointing=True, attention_kernel="explicit")
-    model = build_model(cfg, num_classes=3)
+    model = create_model(cfg, num_classes=3)
     assert model.class_blocks == 2 and model.grad_checkpointing
     assert {block.attn.kernel for block in model.blocks} == {"explicit"}
 

@@ -179,7 +179,7 @@ def test_cpu_preset_trains_one_epoch(name, tmp_path):
                  f"out_dir={run}", *TINY]) == 0
     saved = load_config(run / "config.yaml")
     assert saved.data.name == FORMATS[name][0] and saved.model.embed_dim == 96
-    assert load_file(run / "last.safetensors")["cls_tokens"].shape == (1, num_classes, 96)
+    assert load_file(run / "last.safetensors")["cls_token"].shape == (1, num_classes, 96)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [r["eval"] for r in records if "eval" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["map"] <= 1.0

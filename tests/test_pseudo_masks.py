@@ -233,7 +233,7 @@ def test_selected_indices_lists_selected_classes_in_order():
 
 def painted_masks(maps, probs, image_size, threshold, has_background, labels=None):
     """Image by image, class by class: paint every selected class's upsampled, min-max
-    normalised map where it is >= threshold, in order of increasing probability (equal
+    normalized map where it is >= threshold, in order of increasing probability (equal
     probabilities: higher class first, so the lower class wins); then fill or shift."""
     out = []
     for index, (image_maps, image_probs) in enumerate(zip(maps, probs)):

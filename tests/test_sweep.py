@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnmaps.checkpoint import save_checkpoint
 from attnmaps.config import load_config, save_config
 from attnmaps.data.registry import build_dataset
 from attnmaps.data.synthetic import CLASS_NAMES, SHAPE_NAMES, write_synthetic_voc
-from attnmaps.engine.checkpoint import save_checkpoint
 from attnmaps.engine.evaluate import evaluate
-from attnmaps.engine.train import build_model
 from attnmaps.metrics.report import evaluate_directories, to_jsonable
+from attnmaps.models.factory import create_model
 from attnmaps.pipeline import load_run, sweep_thresholds, write_pseudo_masks
 
 TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(None, [*TINY, f"data.root={root}", f"out_dir={out}"])
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(0)
-    save_checkpoint(out, build_model(cfg.model, len(SHAPE_NAMES)), {})
+    save_checkpoint(out, create_model(cfg.model, len(SHAPE_NAMES)), {})
     return out
 
 

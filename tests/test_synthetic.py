@@ -1,4 +1,4 @@
-"""The synthetic shapes set: deterministic, exact masks, class not given away by colour."""
+"""The synthetic shapes set: deterministic, exact masks, class not given away by color."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from attnmaps.data.synthetic import (
     CLASS_NAMES,
     HUE_JITTER,
-    MAX_COLOURS,
+    MAX_COLORS,
     SHAPE_NAMES,
     render_sample,
     write_synthetic_voc,
@@ -51,16 +51,16 @@ def test_shape_geometry_matches_its_name() -> None:
     assert abs(triangle.sum() - 3 * np.sqrt(3) / 4 * 30**2) / (3 * np.sqrt(3) / 4 * 30**2) < 0.02
 
 
-def test_colour_does_not_give_the_class_away() -> None:
+def test_color_does_not_give_the_class_away() -> None:
     means = {c: [] for c in range(1, len(SHAPE_NAMES) + 1)}
     for index in range(300):
         image, mask = render_sample(seed=1, index=index)
-        for c, colours in means.items():
+        for c, colors in means.items():
             if (mask == c).sum() > 20:
-                colours.append(image[mask == c].mean(0))
+                colors.append(image[mask == c].mean(0))
     centres = np.array([np.mean(v, 0) for v in means.values()])
     spread = np.mean([np.std(v, 0).mean() for v in means.values()])
-    # Class mean colours differ far less than colours vary within a class.
+    # Class mean colors differ far less than colors vary within a class.
     assert np.abs(centres - centres.mean(0)).max() < 0.25 * spread * 3
 
 
@@ -78,73 +78,73 @@ def test_written_voc_layout_reads_back(tmp_path) -> None:
     assert np.array_equal(sample["labels"].numpy(), expected)
 
 
-def test_hue_colour_matches_colorsys() -> None:
+def test_hue_color_matches_colorsys() -> None:
     import colorsys
 
-    from attnmaps.data.synthetic import hue_colour
+    from attnmaps.data.synthetic import hue_color
 
     for hue in np.linspace(0.0, 0.95, 20):
         expected = colorsys.hsv_to_rgb(hue, 0.7, 0.8)
-        assert np.allclose(hue_colour(hue, 0.7, 0.8), expected, atol=1e-9)
+        assert np.allclose(hue_color(hue, 0.7, 0.8), expected, atol=1e-9)
 
 
-def test_colour_classes_combine_shape_and_hue() -> None:
-    """With colours=n, value s*n+j+1 is shape s (same geometry as the shape-only set's class
+def test_color_classes_combine_shape_and_hue() -> None:
+    """With colors=n, value s*n+j+1 is shape s (same geometry as the shape-only set's class
     s+1 under the same draws would be) drawn in hue j: mean hue of its pixels near j/n."""
     import colorsys
 
     from attnmaps.data.synthetic import class_names
 
-    colours = 6
-    names = class_names(colours)
-    assert len(names) == 1 + 4 * colours and names[1] == "circle_h000"
-    assert names[colours + 2] == "square_h060"
+    colors = 6
+    names = class_names(colors)
+    assert len(names) == 1 + 4 * colors and names[1] == "circle_h000"
+    assert names[colors + 2] == "square_h060"
     errors, seen = [], set()
     for index in range(120):
-        image, mask = render_sample(seed=3, index=index, colours=colours)
+        image, mask = render_sample(seed=3, index=index, colors=colors)
         for value in np.unique(mask[mask > 0]):
             pixels = image[mask == value]
             if len(pixels) < 30:
                 continue
             seen.add(int(value))
             hues = np.array([colorsys.rgb_to_hsv(*p)[0] for p in pixels / 255.0])
-            target = ((value - 1) % colours) / colours
+            target = ((value - 1) % colors) / colors
             diff = np.abs((hues - target + 0.5) % 1.0 - 0.5)
             errors.append(np.median(diff))
-    assert len(seen) > 18 and max(errors) < 0.5 / colours
+    assert len(seen) > 18 and max(errors) < 0.5 / colors
 
 
-def test_shape_only_set_is_unchanged_by_the_colour_option() -> None:
-    """The demo's set is byte-identical to the one rendered before the colour option existed
+def test_shape_only_set_is_unchanged_by_the_color_option() -> None:
+    """The demo's set is byte-identical to the one rendered before the color option existed
     (hash recorded from that version), so published demo numbers stay reproducible."""
     image, mask = render_sample(seed=2, index=9)
     digest = hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()[:16]
     assert digest == "c27737a6085260dd"
 
 
-def test_synth_command_writes_the_colour_set(tmp_path) -> None:
+def test_synth_command_writes_the_color_set(tmp_path) -> None:
     from attnmaps.cli import main
     from attnmaps.data.synthetic import class_names
 
     assert main(["synth", "--out", str(tmp_path / "s"), "--num-train", "2", "--num-val", "1",
-                 "--size", "32", "--colours", "3"]) == 0
+                 "--size", "32", "--colors", "3"]) == 0
     assert (tmp_path / "s" / "classes.txt").read_text().split() == list(class_names(3))
 
 
-def test_colour_set_writes_its_class_list(tmp_path) -> None:
+def test_color_set_writes_its_class_list(tmp_path) -> None:
     from attnmaps.data.synthetic import class_names
 
-    root = write_synthetic_voc(tmp_path / "c", num_train=3, num_val=2, size=(32, 32), colours=5)
+    root = write_synthetic_voc(tmp_path / "c", num_train=3, num_val=2, size=(32, 32), colors=5)
     train = VOCDataset(root, "train")
     assert train.class_names == list(class_names(5)) and train[0]["labels"].shape == (20,)
 
 
-@pytest.mark.parametrize("colours", [-1, MAX_COLOURS + 1])
-def test_out_of_range_colours_are_refused_before_anything_is_written(tmp_path, colours) -> None:
-    with pytest.raises(ValueError, match=rf"colours={colours} must lie in 0\.\.{MAX_COLOURS}"):
-        write_synthetic_voc(tmp_path / "bad", num_train=1, num_val=1, colours=colours)
+@pytest.mark.parametrize("colors", [-1, MAX_COLORS + 1])
+def test_out_of_range_colors_are_refused_before_anything_is_written(tmp_path, colors) -> None:
+    with pytest.raises(ValueError, match=rf"colors={colors} must lie in 0\.\.{MAX_COLORS}"):
+        write_synthetic_voc(tmp_path / "bad", num_train=1, num_val=1, colors=colors)
     assert not (tmp_path / "bad").exists()
 
 
 def test_neighbouring_hues_cannot_overlap_at_the_largest_count() -> None:
-    assert 1 / MAX_COLOURS > 2 * HUE_JITTER
+    assert 1 / MAX_COLORS > 2 * HUE_JITTER

@@ -130,12 +130,12 @@ def test_input_not_divisible_by_patch_is_reported(data_root: Path, tmp_path: Pat
 
 
 def test_shipped_checkpoint_fits_the_demo_model() -> None:
+    from attnmaps.checkpoint import load_weights
     from attnmaps.demo import demo_config_path, shipped_checkpoint_path
-    from attnmaps.engine.checkpoint import load_weights
-    from attnmaps.engine.train import build_model
+    from attnmaps.models.factory import create_model
 
     cfg = load_config(demo_config_path())
-    model = build_model(cfg.model, num_classes=4).eval()
+    model = create_model(cfg.model, num_classes=4).eval()
     load_weights(shipped_checkpoint_path(), model)
     logits, maps = model.predict(torch.zeros(2, 3, 64, 64), cfg.model.attn_blocks)
     assert logits.shape == (2, 4) and maps.shape == (2, 4, 8, 8)

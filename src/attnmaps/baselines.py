@@ -1,6 +1,6 @@
-"""A no-learning floor for pseudo masks: colour distance from the image border + true labels.
+"""A no-learning floor for pseudo masks: color distance from the image border + true labels.
 
-Foreground = pixels whose colour differs from the median border colour by more than a
+Foreground = pixels whose color differs from the median border color by more than a
 threshold (Otsu's method on the distance histogram). Each connected foreground component is
 given one of the image's true classes: with one class, all components get it; with several, the
 components are taken largest first and matched to the classes in a fixed cyclic order (the floor

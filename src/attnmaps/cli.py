@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .progress import log_to_stdout
+
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
@@ -20,7 +22,7 @@ def _synth(args: argparse.Namespace) -> None:
 
     root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
                                size=(args.size, args.size), seed=args.seed,
-                               colours=args.colours)
+                               colors=args.colors)
     print(f"wrote {args.num_train} train and {args.num_val} val images to {root}")
 
 
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-val", type=int, default=200)
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--colours", type=int, default=0,
+    synth.add_argument("--colors", type=int, default=0,
                        help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")
     synth.set_defaults(func=_synth)
 
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stdout()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:

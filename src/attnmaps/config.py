@@ -168,6 +168,14 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return cfg
 
 
+def section_from_dict(cls: type, data: Mapping, prefix: str) -> Any:
+    """A config section of dataclass type ``cls``: its defaults with ``data`` merged in, each
+    value checked as a YAML file's would be (errors name ``prefix.key``)."""
+    section = cls()
+    _merge(section, data, f"{prefix}.")
+    return section
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Nested plain dict of ``cfg`` (lists copied), suitable for YAML."""
     return dataclasses.asdict(cfg)

@@ -1,4 +1,4 @@
-"""Project-wide conventions, one definition each: the ignore label and map normalisation.
+"""Project-wide conventions, one definition each: the ignore label and map normalization.
 
 Label masks: with a background class, model class ``c`` is label ``c + 1`` and background is 0;
 without one, class ``c`` is label ``c``. :data:`IGNORE_INDEX` marks pixels that no metric or loss

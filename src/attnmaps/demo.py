@@ -11,16 +11,17 @@ import numpy as np
 import torch
 
 from .baselines import border_distance_mask
+from .checkpoint import checkpoint_paths
 from .config import load_config
 from .conventions import min_max_normalize
 from .data.registry import build_dataset
 from .data.synthetic import write_synthetic_voc
-from .engine.checkpoint import checkpoint_paths
 from .engine.evaluate import eval_options, evaluate
 from .engine.train import train
 from .metrics.report import format_iou_table, save_metrics
 from .metrics.segmentation import SegmentationMetric
 from .pipeline import load_run
+from .progress import logger
 from .pseudo.masks import upsample_maps
 from .viz import save_attention_grid
 
@@ -62,7 +63,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
     started = time.time()
     data_root = out / "data"
     if not (data_root / "ImageSets").exists():
-        print(f"writing synthetic shapes to {data_root} ...")
+        logger.info("writing synthetic shapes to %s ...", data_root)
         write_synthetic_voc(data_root, num_train=num_train, num_val=num_val)
     start = [] if from_scratch else [f"model.init_from={shipped_checkpoint_path()}", *FINETUNE]
     cfg = load_config(demo_config_path(),
@@ -93,14 +94,16 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
         [val[i]["mask"].numpy() for i in range(len(shown['pseudo']))], shown["pseudo"], shown["maps"],
         val.class_names, probs=shown["probs"])
     save_metrics(out / "metrics.json", metrics)
-    print(format_iou_table(metrics))
-    print(f"model: {metrics['start']}, {cfg.train.epochs} epochs here\n"
-          f"pseudo-mask mIoU from predicted labels: {metrics['miou']:.3f}\n"
-          f"  from true image labels:               {metrics['miou_true_labels']:.3f}\n"
-          f"  on images with >= 2 classes:          {metrics['miou_multi_class']:.3f}\n"
-          f"  no-learning floor (border colour):    {metrics['floor_miou']:.3f}\n"
-          f"classifier mAP {metrics['map']:.3f}, class-map correlation "
-          f"{metrics['class_map_correlation']:.2f}, heads closed {metrics['head_sparsity']:.0f}%\n"
-          f"picture: {picture}\nmetrics: {out / 'metrics.json'}  "
-          f"({metrics['total_seconds'] / 60:.1f} min)")
+    logger.info("%s", format_iou_table(metrics))
+    logger.info("model: %s, %d epochs here\n"
+                "pseudo-mask mIoU from predicted labels: %.3f\n"
+                "  from true image labels:               %.3f\n"
+                "  on images with >= 2 classes:          %.3f\n"
+                "  no-learning floor (border color):     %.3f\n"
+                "classifier mAP %.3f, class-map correlation %.2f, heads closed %.0f%%\n"
+                "picture: %s\nmetrics: %s  (%.1f min)",
+                metrics["start"], cfg.train.epochs, metrics["miou"], metrics["miou_true_labels"],
+                metrics["miou_multi_class"], metrics["floor_miou"], metrics["map"],
+                metrics["class_map_correlation"], metrics["head_sparsity"], picture,
+                out / "metrics.json", metrics["total_seconds"] / 60)
     return metrics

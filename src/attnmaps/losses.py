@@ -35,14 +35,14 @@ def class_masks(mask: Tensor, num_classes: int, has_background: bool) -> Tensor:
     return mask.unsqueeze(1) == labels.view(1, -1, 1, 1)
 
 
-def max_normalise(maps: Tensor, eps: float = 1e-6) -> Tensor:
+def max_normalize(maps: Tensor, eps: float = 1e-6) -> Tensor:
     """Positive part of each map divided by its maximum, in [0, 1] (an all-zero map stays 0)."""
     positive = F.relu(maps)
     return positive / positive.amax(dim=SPATIAL, keepdim=True).clamp_min(eps)
 
 
 def soft_mask(maps: Tensor, omega: float = 10.0, sigma: float = 0.5) -> Tensor:
-    """GAIN's soft threshold ``sigmoid(omega * (A - sigma))`` of the min-max normalised maps.
+    """GAIN's soft threshold ``sigmoid(omega * (A - sigma))`` of the min-max normalized maps.
 
     Erasing ``images * (1 - soft_mask(maps))`` (maps upsampled to the image) gives the input for
     :func:`attention_mining_loss`.
@@ -95,7 +95,7 @@ class MaskGuidedLoss(nn.Module):
 class CAMALLoss(MaskGuidedLoss):
     """Class activation maps inside the mask, suppressed outside.
 
-    ``form="contrast"``: with ``A`` the max-normalised map (:func:`max_normalise`),
+    ``form="contrast"``: with ``A`` the max-normalized map (:func:`max_normalize`),
     ``inside_weight * mean_{p in M}(1 - A) + outside_weight * mean_{p not in M}(A)``; an empty
     region's mean is 0. ``form="energy"``: ``1 - sum_{p in M} A+ / sum_p A+`` with
     ``A+ = relu(map)``, the share of positive map mass outside the mask (1 for an all-zero map).
@@ -116,9 +116,9 @@ class CAMALLoss(MaskGuidedLoss):
             positive = F.relu(maps) * valid
             inside = (positive * masks).sum(SPATIAL)
             return 1 - inside / positive.sum(SPATIAL).clamp_min(self.eps)
-        normalised = max_normalise(maps, self.eps)
-        inside = masked_mean(1 - normalised, masks * valid, self.eps)
-        outside = masked_mean(normalised, (1 - masks) * valid, self.eps)
+        normalized = max_normalize(maps, self.eps)
+        inside = masked_mean(1 - normalized, masks * valid, self.eps)
+        outside = masked_mean(normalized, (1 - masks) * valid, self.eps)
         return self.inside_weight * inside + self.outside_weight * outside
 
 
@@ -145,14 +145,14 @@ def attention_mining_loss(masked_scores: Tensor, labels: Tensor) -> Tensor:
 
 
 class L1MapLoss(MaskGuidedLoss):
-    """GRADIA-style mean absolute difference between the max-normalised map and the mask."""
+    """GRADIA-style mean absolute difference between the max-normalized map and the mask."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def map_losses(self, maps: Tensor, masks: Tensor, valid: Tensor) -> Tensor:
-        error = (max_normalise(maps, self.eps) - masks).abs()
+        error = (max_normalize(maps, self.eps) - masks).abs()
         return masked_mean(error, valid.expand_as(error), self.eps)
 
 

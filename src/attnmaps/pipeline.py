@@ -11,14 +11,15 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from .checkpoint import checkpoint_paths, load_weights, read_metadata
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
-from .engine.checkpoint import checkpoint_paths, load_weights
 from .engine.evaluate import eval_options, evaluate
-from .engine.train import build_model, resolve_device
 from .metrics.report import save_metrics
+from .models.factory import create_model
 from .models.vit import ClassTokenViT
 from .pseudo.masks import save_pseudo_masks
+from .runtime import resolve_device
 
 SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.json"
@@ -34,9 +35,14 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, Clas
     weights, _ = checkpoint_paths(run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found; the run has not finished an epoch yet")
-    with safe_open(str(weights), framework="pt") as f:
-        num_classes = f.get_slice("cls_tokens").get_shape()[1]
-    model = build_model(cfg.model, num_classes)
+    metadata = read_metadata(weights)
+    if "num_classes" in metadata:
+        num_classes = int(metadata["num_classes"])
+    else:  # written before checkpoints carried their metadata: count the class tokens
+        with safe_open(str(weights), framework="pt") as f:
+            key = "cls_token" if "cls_token" in set(f.keys()) else "cls_tokens"
+            num_classes = f.get_slice(key).get_shape()[1]
+    model = create_model(cfg.model, num_classes)
     load_weights(weights, model)
     return cfg, model.to(resolve_device(cfg.train.device)).eval()
 
@@ -84,7 +90,7 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     thresholds = sorted({float(t) for t in thresholds})
     if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
         raise ValueError(f"thresholds must be one or more values in [0, 1] (the maps are min-max "
-                         f"normalised), got {thresholds}")
+                         f"normalized), got {thresholds}")
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir, overrides)
     split = split or cfg.data.val_split

@@ -15,7 +15,7 @@ from .data.image_io import VOC_PALETTE
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    """uint8 RGB [H,W,3] of a label mask in the VOC palette (255 = ignore colour)."""
+    """uint8 RGB [H,W,3] of a label mask in the VOC palette (255 = ignore color)."""
     return VOC_PALETTE[mask.astype(np.uint8)]
 
 

@@ -1,10 +1,10 @@
-"""What every dataset format shares: the sample dict, value scaling, normalisation, label checks.
+"""What every dataset format shares: the sample dict, value scaling, normalization, label checks.
 
 A format subclasses :class:`ImageDataset`, sets ``ids``, ``image_paths``, ``class_names``,
 ``num_classes`` and ``has_background``, and implements :meth:`ImageDataset.load_target` (and
 :meth:`ImageDataset.load_image` when its images are not RGB files). Each item is::
 
-    {"image": float [C,H,W] normalised, "labels": float multi-hot [K], "mask": long [H,W],
+    {"image": float [C,H,W] normalized, "labels": float multi-hot [K], "mask": long [H,W],
      "has_mask": bool, "id": str}
 
 Mask convention: with background, value 0 is background and model class ``c`` is ``c + 1``;
@@ -91,7 +91,7 @@ def read_names(path: Path) -> list[str]:
 
 
 class ImageDataset(Dataset):
-    """Shared loading of one sample: read, check, augment/resize, scale, normalise."""
+    """Shared loading of one sample: read, check, augment/resize, scale, normalize."""
 
     has_background: bool = True
     channels: int | None = 3  # fixed channel count of the format; None = as many as mean has

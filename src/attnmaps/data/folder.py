@@ -19,7 +19,7 @@ with background, the default; the class index without). Its stored values decide
   background);
 - anything else, e.g. another class's value, raises ValueError naming the file.
 
-PNG/BMP/TIFF/GIF masks keep their values: palette and grey indices, VOC palette colours or grey
+PNG/BMP/TIFF/GIF masks keep their values: palette and grey indices, VOC palette colors or grey
 RGB. JPEG masks (lossy, as HyperKvasir's ``segmented-images/masks``) are binary: grey >= 128 is
 the object. A mask must have its image's size (resizing with ``image_size`` keeps them aligned);
 a mask whose image is missing raises ValueError. Images without a mask have ``has_mask`` False.
@@ -56,7 +56,7 @@ def read_mask_values(path: Path) -> np.ndarray:
     """The stored values of a mask file as uint8 [H,W].
 
     JPEG: 255 where the grey level is >= 128, else 0. Other files: :func:`read_mask` (palette or
-    grey indices, VOC palette colours), else the grey level of a grey image (e.g. a 1-bit PNG or
+    grey indices, VOC palette colors), else the grey level of a grey image (e.g. a 1-bit PNG or
     white-on-black RGB).
     """
     if path.suffix.lower() in LOSSY_MASK_SUFFIXES:
@@ -66,7 +66,7 @@ def read_mask_values(path: Path) -> np.ndarray:
     except ValueError as err:
         rgb = read_image(path)
         if not (rgb == rgb[..., :1]).all():
-            raise ValueError(f"mask {path} is neither grey nor in VOC palette colours "
+            raise ValueError(f"mask {path} is neither grey nor in VOC palette colors "
                              f"({err})") from err
         return rgb[..., 0].copy()
 

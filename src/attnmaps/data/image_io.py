@@ -1,4 +1,4 @@
-"""Image and label-mask file IO with the PASCAL VOC colour map.
+"""Image and label-mask file IO with the PASCAL VOC color map.
 
 Masks are uint8 arrays of label indices (255 = ignore) stored as palette PNGs:
 
@@ -18,7 +18,7 @@ from ..atomic import atomic_write
 
 
 def _voc_palette() -> np.ndarray:
-    """The VOC colour map: bit k of an index goes to bit 7-k//3 of channel k%3."""
+    """The VOC color map: bit k of an index goes to bit 7-k//3 of channel k%3."""
     palette = np.zeros((256, 3), dtype=np.uint8)
     for index in range(256):
         value = index
@@ -55,7 +55,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a label mask as uint8 indices [H,W].
 
     Palette ("P") and single-channel PNGs hold indices directly; RGB(A) masks must use only
-    VOC_PALETTE colours, which are mapped back to their indices.
+    VOC_PALETTE colors, which are mapped back to their indices.
     """
     image = _open(path)
     if image.mode in ("P", "L"):
@@ -73,8 +73,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     indices = _PALETTE_ORDER[pos]
     bad = _PALETTE_CODES[indices] != codes
     if bad.any():
-        colour = tuple(int(c) for c in rgb[bad][0])
-        raise ValueError(f"mask {path} has colour {colour} that is not a VOC palette colour")
+        color = tuple(int(c) for c in rgb[bad][0])
+        raise ValueError(f"mask {path} has color {color} that is not a VOC palette color")
     return indices.astype(np.uint8)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ..conventions import IGNORE_INDEX
+
 
 def masked_subset(num_images: int, fraction: float, seed: int) -> torch.Tensor:
     """Bool [num_images]: ``round(fraction * num_images)`` images drawn by ``seed`` keep masks.
@@ -26,7 +28,7 @@ class MaskBudget(Dataset):
     that nothing downstream can use it by accident.
     """
 
-    def __init__(self, dataset: Dataset, fraction: float, seed: int = 0, ignore_index: int = 255):
+    def __init__(self, dataset: Dataset, fraction: float, seed: int = 0, ignore_index: int = IGNORE_INDEX):
         self.dataset = dataset
         self.keep = masked_subset(len(dataset), fraction, seed)
         self.ignore_index = ignore_index

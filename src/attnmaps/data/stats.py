@@ -1,7 +1,7 @@
 """Dataset statistics: per-channel mean/std, sizes, class frequencies.
 
 Pixels are read as stored (original size, no resizing or augmentation) and in the units the
-loaders normalise, i.e. uint8 images divided by 255 and other dtypes (e.g. uint16 GeoTIFF bands)
+loaders normalize, i.e. uint8 images divided by 255 and other dtypes (e.g. uint16 GeoTIFF bands)
 raw, so the ``mean``/``std`` found can be given as ``data.mean``/``data.std`` directly.
 
 >>> stats = dataset_stats(build_dataset(cfg.data, "train", train=False))  # doctest: +SKIP

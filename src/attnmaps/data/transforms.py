@@ -80,7 +80,7 @@ def random_crop_box(height: int, width: int, scale: tuple[float, float],
     return 0, 0, height, width
 
 
-def adjust_colour(image: torch.Tensor, brightness: float, contrast: float,
+def adjust_color(image: torch.Tensor, brightness: float, contrast: float,
                   saturation: float) -> torch.Tensor:
     """Scale brightness, contrast and saturation of an RGB image [3,H,W] in [0,1] (clamped).
 
@@ -102,7 +102,7 @@ class Augment:
     Geometric steps (``__call__``, on numpy arrays): random resized crop (area fraction in
     ``crop_scale``) then resize to ``size`` (the input size when ``None``), a rotation by an
     angle uniform in [-rotate, rotate] degrees, a horizontal flip with probability 0.5.
-    ``photometric`` applies colour jitter (factors uniform in [1-j, 1+j]) to RGB tensors in [0,1].
+    ``photometric`` applies color jitter (factors uniform in [1-j, 1+j]) to RGB tensors in [0,1].
     With no augmentation set the transform is deterministic (evaluation).
     """
 
@@ -141,11 +141,11 @@ class Augment:
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
     def photometric(self, image: torch.Tensor) -> torch.Tensor:
-        """Colour jitter of an RGB image [3,H,W] in [0,1]; other channel counts raise."""
+        """Color jitter of an RGB image [3,H,W] in [0,1]; other channel counts raise."""
         if not self.color_jitter:
             return image
         if image.shape[0] != 3:
             raise ValueError(f"data.color_jitter applies to RGB images only; got an image with "
                              f"{image.shape[0]} channels (set data.color_jitter=0)")
         low, high = 1.0 - self.color_jitter, 1.0 + self.color_jitter
-        return adjust_colour(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))
+        return adjust_color(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))

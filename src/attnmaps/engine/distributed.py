@@ -1,4 +1,4 @@
-"""Multi-process (torchrun) helpers: process-group setup, rank queries and a sharded sampler.
+"""Multi-process (torchrun) helpers: process-group setup, collectives and evaluation shards.
 
 Under ``torchrun --nproc_per_node=N`` every process finds ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment; :func:`init_distributed`
@@ -21,14 +21,12 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Sampler
 
 from ..process_group import get_rank, get_world_size, in_process_group, is_distributed
 
@@ -143,42 +141,6 @@ def sync_buffers(module: nn.Module) -> None:
             buffer.copy_(all_reduce_mean(buffer))
         else:
             dist.broadcast(buffer, src=0)
-
-
-def epoch_permutation(size: int, seed: int, epoch: int) -> Tensor:
-    """The shuffled order of ``size`` indices for ``epoch``: ``randperm`` seeded with
-    ``seed * 100003 + epoch``."""
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-
-
-class ShardedSampler(Sampler[int]):
-    """Rank ``rank``'s share of one seeded per-epoch permutation: positions ``rank``,
-    ``rank + world_size``, ... of :func:`epoch_permutation`, ``size // world_size`` of them.
-
-    Every rank yields the same count (the last ``size % world_size`` positions are left out),
-    the shards are disjoint, and with per-rank batches of ``b`` the ranks' ``s``-th batches
-    together are positions ``s*b*W .. (s+1)*b*W - 1`` of the permutation, i.e. the single-process
-    batch of size ``b*W``. With ``world_size=1`` it yields the whole permutation. Call
-    :meth:`set_epoch` before each epoch.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in 0..world_size-1={world_size - 1}")
-        if size < world_size:
-            raise ValueError(f"{size} samples cannot be shared by {world_size} processes")
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size // self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        order = epoch_permutation(self.size, self.seed, self.epoch)
-        return iter(order[self.rank:len(self) * self.world_size:self.world_size].tolist())
 
 
 def shard_indices(size: int, rank: int | None = None, world_size: int | None = None) -> range:

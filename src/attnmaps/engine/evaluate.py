@@ -65,7 +65,7 @@ def segmentation_summary(metrics: dict) -> dict:
 class PseudoMaskEvaluator:
     """Scores of a class-token model's outputs on labelled images, accumulated batch by batch.
 
-    ``update(images, labels, masks, probs, maps)`` takes a batch's normalised images [B,C,H,W],
+    ``update(images, labels, masks, probs, maps)`` takes a batch's normalized images [B,C,H,W],
     multi-hot image labels [B,K], ground-truth label masks [B,H,W] (255 = ignore), class
     probabilities [B,K] and class maps [B,K,h,w]; it makes the pseudo masks from the predicted
     and from the true image labels (``settings``: PAMR, binarisation threshold, CRF), scores
@@ -80,8 +80,8 @@ class PseudoMaskEvaluator:
     the true labels when ``settings.use_true_labels`` is set, else from predicted ones); and
     ``class_names`` when given for the L mask labels.
 
-    ``pixel_stats`` = the per-channel (mean, std) the images were normalised with; the CRF
-    (``settings.crf``) needs it to recover their colours. Inside a process group every process
+    ``pixel_stats`` = the per-channel (mean, std) the images were normalized with; the CRF
+    (``settings.crf``) needs it to recover their colors. Inside a process group every process
     updates with its own samples and ``compute`` reduces them all (safe to call twice).
     """
 
@@ -90,8 +90,8 @@ class PseudoMaskEvaluator:
                  sweep: Sequence[float] = (), pixel_stats: tuple[Tensor, Tensor] | None = None,
                  device: torch.device | str | None = None):
         if settings.crf and pixel_stats is None:
-            raise ValueError("pseudo.crf needs the images' colours, but the dataset has no "
-                             "per-channel mean/std to undo its normalisation; set "
+            raise ValueError("pseudo.crf needs the images' colors, but the dataset has no "
+                             "per-channel mean/std to undo its normalization; set "
                              "pseudo.crf=false")
         self.settings = settings
         self.has_background = has_background
@@ -177,7 +177,7 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
 
     What the dataset knows is read from it: ``has_background`` (default True),
     ``class_names`` and, for ``settings.crf``, the ``mean`` / ``std`` its images were
-    normalised with. The model runs on its own device, under bf16 autocast with
+    normalized with. The model runs on its own device, under bf16 autocast with
     ``precision="bf16"`` (maps and scores are float32 after), with ``settings.tta_scales`` /
     ``tta_flip`` test-time augmentation (:func:`~attnmaps.pseudo.tta.tta_predict`).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its
@@ -220,7 +220,7 @@ def _unwrap(dataset: Dataset) -> Dataset:
 
 
 def _pixel_stats(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
-    """The per-channel ``mean`` and ``std`` the dataset normalised its images with, if known."""
+    """The per-channel ``mean`` and ``std`` the dataset normalized its images with, if known."""
     mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
     if mean is None or std is None:
         return None

@@ -6,59 +6,63 @@ the CAMAL alignment loss on their class-token attention (mixed supervision, see
 
 A run directory holds ``config.yaml`` (the resolved config), ``log.jsonl`` (one JSON record per
 logged step and per epoch evaluation) and the checkpoint pair ``last.safetensors`` /
-``last.state.pt`` written atomically after every epoch; ``resume=True`` continues from it.
+``last.state.pt`` written atomically after every epoch; ``resume=True`` continues from it. The
+weights file carries the model config, class count and class names in its metadata, so
+:func:`~attnmaps.models.factory.load_model` rebuilds the model from it alone.
+
+The loop is split as timm's: :func:`setup` builds everything a run needs (:class:`Run`),
+:func:`train_one_epoch` runs the optimisation steps of one epoch, :func:`end_of_epoch`
+evaluates, logs and saves the checkpoint.
 
 Under ``torchrun --nproc_per_node=N`` (see :mod:`.distributed`) the model trains in
 DistributedDataParallel. ``train.batch_size`` is the global batch: every process takes
-``batch_size // N`` images per step from its shard of the same seeded per-epoch permutation, so
-the N shards of a step form the single-process batch. Rank 0 alone writes the config, the log
-(losses averaged over processes) and the checkpoints and shows progress; evaluation is sharded
-over the processes and its metrics reduced. Each process draws its own random numbers (gate
-noise, class-token masking, augmentation); the checkpoint keeps every rank's RNG state.
+``batch_size // N`` images per step from its shard of the same seeded per-epoch permutation
+(``DistributedSampler``), so the N shards of a step form the single-process batch. Rank 0 alone
+writes the config, the log (losses averaged over processes) and the checkpoints and reports
+progress; evaluation is sharded over the processes and its metrics reduced. Each process draws
+its own random numbers (gate noise, class-token masking, augmentation); the checkpoint keeps
+every rank's RNG state. Progress goes to the ``attnmaps`` logger, one line per epoch; a
+progress bar is shown only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
-from ..data.mask_budget import MaskBudget
-from ..data.registry import build_dataset
-from ..metrics.report import to_jsonable
-from ..models.convert import is_attnmaps_checkpoint, load_pretrained
-from ..models.vit import ClassTokenViT
-from .acceleration import autocast, compile_module
-from .checkpoint import (
+from ..checkpoint import (
     capture_rng_state,
     checkpoint_paths,
     load_checkpoint,
-    load_weights,
     restore_rng_state,
     save_checkpoint,
 )
+from ..config import Config, TrainConfig, config_to_dict, save_config
+from ..data.mask_budget import MaskBudget
+from ..data.registry import build_dataset
+from ..metrics.report import to_jsonable
+from ..models.factory import checkpoint_metadata, create_model
+from ..models.vit import ClassTokenViT
+from ..progress import logger, progress
+from ..runtime import resolve_device, seed_everything
+from .acceleration import autocast, compile_module
 from .distributed import (
     DistContext,
-    ShardedSampler,
     all_reduce_mean,
     barrier,
     cleanup,
     gather_objects,
     init_distributed,
-    is_main_process,
     sync_buffers,
 )
 from .evaluate import eval_options, evaluate
@@ -66,47 +70,6 @@ from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
 
 EpochCallback = Callable[[int, dict], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; any other name is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_model(cfg: ModelConfig, num_classes: int) -> ClassTokenViT:
-    """A ClassTokenViT shaped by ``cfg`` for ``num_classes`` classes."""
-    return ClassTokenViT(
-        num_classes=num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size,
-        patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        drop_path=cfg.drop_path, num_registers=cfg.num_registers, head=cfg.head, stem=cfg.stem,
-        gates=cfg.gates, gate_temperature=cfg.gate_temperature, mask_rate=cfg.mask_rate,
-        class_blocks=cfg.class_blocks, grad_checkpointing=cfg.grad_checkpointing,
-        attention_kernel=cfg.attention_kernel,
-    )
-
-
-def init_weights(cfg: ModelConfig, model: ClassTokenViT) -> None:
-    """Load ``cfg.init_from``: an attnmaps checkpoint as is, a timm / DeiT / DINO / DINOv2
-    checkpoint through :func:`~attnmaps.models.convert.load_pretrained` (report printed)."""
-    path = Path(cfg.init_from)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init_from={cfg.init_from!r}: no such file")
-    if is_attnmaps_checkpoint(path):
-        load_weights(path, model)
-        return
-    report = load_pretrained(path, model, adapt_channels=cfg.adapt_channels,
-                             adapt_patch_size=cfg.adapt_patch_size)
-    if is_main_process():
-        tqdm.write(str(report))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -193,6 +156,39 @@ def restore_rank_rng(state: dict, ctx: DistContext, seed: int, epoch: int) -> No
         seed_everything(rank_seed(seed, ctx.rank, epoch))
 
 
+def training_sampler(dataset: Dataset, seed: int, ctx: DistContext) -> DistributedSampler:
+    """This process's share of one seeded per-epoch permutation of ``dataset``: positions
+    ``rank, rank + W, ...`` of ``randperm(len, seed * 100003 + epoch)``, the last
+    ``len % W`` positions left out so that every rank takes as many steps."""
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                              seed=seed * 100003, drop_last=True)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between epochs; built by :func:`setup`."""
+
+    cfg: Config
+    ctx: DistContext
+    run_dir: Path
+    model: ClassTokenViT
+    train_step: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    sampler: DistributedSampler
+    val_set: Dataset
+    class_names: list[str] | None
+    batch_size: int
+    steps_per_epoch: int
+    start_epoch: int
+    step: int
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.jsonl"
+
+
 def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None) -> dict:
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
 
@@ -204,13 +200,22 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
-        return _train(cfg, ctx, resume, on_epoch)
+        run = setup(cfg, ctx, resume)
+        metrics: dict = {}
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            images_per_second = train_one_epoch(run, epoch)
+            metrics = end_of_epoch(run, epoch, images_per_second)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+        return metrics
     finally:
         if ctx.owns_group:
             cleanup()
 
 
-def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback | None) -> dict:
+def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
+    """Data, model (from ``model.init_from`` unless resuming), optimiser, schedule and the
+    resumed state of a run; writes the resolved config on rank 0."""
     run_dir = Path(cfg.out_dir)
     weights_path, _ = checkpoint_paths(run_dir)
     if weights_path.exists() and not resume:
@@ -221,7 +226,6 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
     if resume and not weights_path.exists():
         raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
     seed_everything(cfg.train.seed)
-    device = ctx.device
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     if cfg.train.mask_fraction > 0:
@@ -229,12 +233,10 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         # would be exactly the first batches of epoch 0.
         train_set = MaskBudget(train_set, cfg.train.mask_fraction, seed=cfg.train.seed + 7_777_777)
         train_set.require_masks()
-    model = build_model(cfg.model, train_set.num_classes)
+    model = create_model(cfg.model, train_set.num_classes,
+                         init_from=None if resume else cfg.model.init_from).to(ctx.device)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
-    if cfg.model.init_from and not resume:
-        init_weights(cfg.model, model)
-    model = model.to(device)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -244,72 +246,79 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                               cfg.train.min_lr / cfg.train.lr)
     start_epoch, step = 0, 0
     if resume:
-        state = load_checkpoint(run_dir, model, map_location=device)
+        state = load_checkpoint(run_dir, model, map_location=ctx.device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
     elif ctx.rank:
         seed_everything(rank_seed(cfg.train.seed, ctx.rank))
-    train_step = build_train_step(model, objective, cfg.train, ctx)
-    sampler = ShardedSampler(len(train_set), cfg.train.seed, ctx.rank, ctx.world_size)
+    sampler = training_sampler(train_set, cfg.train.seed, ctx)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers)
-    log_path = run_dir / "log.jsonl"
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    metrics: dict = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_step.train()
-        sampler.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=2.0, disable=not ctx.is_main)
-        started = time.time()
-        for batch in bar:
-            parts = train_step(batch)
-            means = all_reduce_mean(torch.stack([value.detach() for value in parts.values()]))
-            values = dict(zip(parts, means.tolist()))
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"loss became {values['loss']} at step {step}; lower train.lr or set "
-                    "train.grad_clip"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            refresh=False)
-            if ctx.is_main and step % cfg.train.log_every == 0:
-                append_log(log_path, {"epoch": epoch, "step": step, **values,
-                                      "lr": scheduler.get_last_lr()[0]})
-        images_per_second = (steps_per_epoch * batch_size * ctx.world_size
-                             / (time.time() - started))
-        sync_buffers(model)
-        last = epoch == cfg.train.epochs - 1
-        settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
-                                                   tta_scales=[1.0], tta_flip=False)
-        metrics = evaluate(model, val_set, settings,
-                           **{**eval_options(cfg), "batch_size": batch_size})
-        metrics["images_per_second"] = images_per_second
-        rng_by_rank = gather_objects(capture_rng_state())
-        if ctx.is_main:
-            summary = {key: value for key, value in metrics.items() if key != "confusion"}
-            append_log(log_path, {"epoch": epoch, "step": step, "eval": summary})
-            extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
-            save_checkpoint(run_dir, model, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_by_rank[0], "epoch": epoch, "step": step,
-                "config": config_to_dict(cfg), **extra,
-            })
-            tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}: mAP {metrics['map']:.3f}  "
-                       f"pseudo-mask mIoU {metrics['miou']:.3f}  heads closed "
-                       f"{metrics['head_sparsity']:.0f}%")
-        barrier()
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+    return Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
+               optimizer, scheduler, loader, sampler, val_set,
+               getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
+               step)
+
+
+def train_one_epoch(run: Run, epoch: int) -> float:
+    """The optimisation steps of ``epoch``; returns the training throughput in images/s."""
+    cfg = run.cfg
+    run.train_step.train()
+    run.sampler.set_epoch(epoch)
+    bar = progress(run.loader, f"epoch {epoch + 1}/{cfg.train.epochs}", run.ctx.is_main)
+    started = time.time()
+    for batch in bar:
+        parts = run.train_step(batch)
+        means = all_reduce_mean(torch.stack([value.detach() for value in parts.values()]))
+        values = dict(zip(parts, means.tolist()))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"loss became {values['loss']} at step {run.step}; lower train.lr or set "
+                "train.grad_clip"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        lr = run.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if run.ctx.is_main and run.step % cfg.train.log_every == 0:
+            append_log(run.log_path, {"epoch": epoch, "step": run.step, **values, "lr": lr})
+    return run.steps_per_epoch * run.batch_size * run.ctx.world_size / (time.time() - started)
+
+
+def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
+    """Evaluate (without PAMR, CRF and TTA before the last epoch), log the metrics and save the
+    checkpoint (rank 0); returns the metrics, equal on every process."""
+    cfg, ctx = run.cfg, run.ctx
+    sync_buffers(run.model)
+    last = epoch == cfg.train.epochs - 1
+    settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
+                                               tta_scales=[1.0], tta_flip=False)
+    metrics = evaluate(run.model, run.val_set, settings,
+                       **{**eval_options(cfg), "batch_size": run.batch_size})
+    metrics["images_per_second"] = images_per_second
+    rng_by_rank = gather_objects(capture_rng_state())
+    if ctx.is_main:
+        summary = {key: value for key, value in metrics.items()
+                   if key not in ("confusion", "true_labels")}
+        append_log(run.log_path, {"epoch": epoch, "step": run.step, "eval": summary})
+        extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
+        save_checkpoint(run.run_dir, run.model, {
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": rng_by_rank[0], "epoch": epoch, "step": run.step,
+            "config": config_to_dict(cfg), **extra,
+        }, metadata=checkpoint_metadata(cfg.model, run.model.num_classes, run.class_names))
+        logger.info("epoch %d/%d: mAP %.3f  pseudo-mask mIoU %.3f  heads closed %.0f%%  "
+                    "(%.0f images/s)", epoch + 1, cfg.train.epochs, metrics["map"],
+                    metrics["miou"], metrics["head_sparsity"], images_per_second)
+    barrier()
     return metrics

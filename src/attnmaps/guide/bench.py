@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from ..atomic import atomic_write
 from ..metrics.alignment import AlignmentMetric
 from ..metrics.faithfulness import average_drop_increase, deletion_insertion_auc, road
 from ..metrics.report import to_jsonable
+from ..progress import logger, progress
 from .cue_data import CueSplit, make_cue_split
 from .gap_net import GAPConvNet
 from .methods import BASELINES, METHODS, method_loss, true_class_maps
@@ -211,12 +211,13 @@ def run_guide_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
                           cue_agreement=0.0)
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     jobs = [(seed, m) for seed in range(cfg.seeds) for m in cfg.methods]
-    for seed, method in tqdm(jobs, desc="guide-bench", dynamic_ncols=True):
+    for seed, method in progress(jobs, "guide-bench"):
         run_started = time.time()
         model = train_method(method, seed, train, cfg)
         scores = score_model(model, test, cfg)
         scores["seconds"] = time.time() - run_started
         runs[method].append(scores)
+        logger.info("guide-bench: %s, seed %d done in %.0f s", method, seed, scores["seconds"])
     summary = summarise(runs, cfg.methods)
     report = {"config": asdict(cfg), "seconds": time.time() - started, "runs": runs,
               "summary": summary}

@@ -21,13 +21,13 @@ from torch import Tensor
 
 from ..data.synthetic import SHAPE_NAMES, shape_mask, texture
 
-CUE_COLOUR = (1.0, 0.1, 0.7)
+CUE_COLOR = (1.0, 0.1, 0.7)
 MEAN, STD = 0.5, 0.25
 
 
 @dataclass
 class CueSplit:
-    """Normalised images [N,3,H,W], object masks bool [N,H,W], labels [N], cue corners [N]."""
+    """Normalized images [N,3,H,W], object masks bool [N,H,W], labels [N], cue corners [N]."""
 
     images: Tensor
     masks: Tensor
@@ -55,10 +55,10 @@ def render_cue_sample(rng: np.random.Generator, size: int, cls: int, corner: int
     radius = rng.uniform(0.22, 0.30) * size
     cy, cx = rng.uniform(0.42, 0.58, size=2) * size
     mask = shape_mask(SHAPE_NAMES[cls], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
-    # A flat colour at least 0.3 away from the background's mean colour in every channel.
+    # A flat color at least 0.3 away from the background's mean color in every channel.
     image[mask] = np.mod(image.mean(axis=(0, 1)) + rng.uniform(0.3, 0.7, size=3), 1.0)
     rows, cols = cue_box(corner, size, cue_size)
-    image[rows, cols] = CUE_COLOUR
+    image[rows, cols] = CUE_COLOR
     mask[rows, cols] = False
     image = np.clip(image + rng.normal(0.0, 0.03, size=image.shape), 0.0, 1.0)
     return image.astype(np.float32), mask

@@ -49,7 +49,7 @@ def _none(model, images, labels, masks, has_mask):
 
 @contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
-    """Inside the block, BatchNorm layers still normalise with batch statistics (in training)
+    """Inside the block, BatchNorm layers still normalize with batch statistics (in training)
     but leave their running statistics unchanged (momentum 0)."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [layer.momentum for layer in layers]

@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -62,18 +61,14 @@ _CONTAINERS = ("teacher", "model", "state_dict")
 # Source keys that may go unused (listed as dropped).
 _UNUSED_KEYS = ("mask_token", "dist_token", "register_tokens", "reg_token")
 _DROPPED_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
-_BLOCK_KEYS = {
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-    "attn.qkv.weight": "attn.qkv.weight", "attn.qkv.bias": "attn.qkv.bias",
-    "attn.proj.weight": "attn.proj.weight", "attn.proj.bias": "attn.proj.bias",
-    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.0.weight", "mlp.fc1.bias": "mlp.0.bias",
-    "mlp.fc2.weight": "mlp.2.weight", "mlp.fc2.bias": "mlp.2.bias",
-}
+# Block keys, named alike in timm / DINOv2 and ClassTokenViT.
+_BLOCK_KEYS = tuple(f"{layer}.{kind}" for layer in ("norm1", "attn.qkv", "attn.proj", "norm2",
+                                                    "mlp.fc1", "mlp.fc2")
+                    for kind in ("weight", "bias"))
 # Layer scale ``blocks.i.<key>`` multiplies the output of the linear layer ``blocks.i.<value>``
 # (timm / DINOv2 names, and the original DeiT III names).
-_LAYER_SCALES = {"ls1.gamma": "attn.proj", "ls2.gamma": "mlp.2",
-                 "gamma_1": "attn.proj", "gamma_2": "mlp.2"}
+_LAYER_SCALES = {"ls1.gamma": "attn.proj", "ls2.gamma": "mlp.fc2",
+                 "gamma_1": "attn.proj", "gamma_2": "mlp.fc2"}
 # Heads of the standard ViT widths (ViT-Ti/S/B/L/H/g, DINOv2-g); used when num_heads is not given.
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 
@@ -224,9 +219,9 @@ def _check_fits(src: dict[str, Tensor], model: ClassTokenViT, adapt_channels: bo
         raise _mismatch("blocks.0.attn.qkv.weight", f"num_heads={heads}",
                         f"num_heads={model_heads}", f"model.num_heads={heads}")
     hidden = src["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in src else None
-    if hidden is not None and hidden != model.blocks[0].mlp[0].out_features:
+    if hidden is not None and hidden != model.blocks[0].mlp.fc1.out_features:
         raise _mismatch("blocks.0.mlp.fc1.weight", f"hidden={hidden}",
-                        f"hidden={model.blocks[0].mlp[0].out_features}",
+                        f"hidden={model.blocks[0].mlp.fc1.out_features}",
                         f"model.mlp_ratio={hidden / dim:g}")
     if "blocks.0.attn.qkv.bias" in src and model.blocks[0].attn.qkv.bias is None:
         raise _mismatch("blocks.0.attn.qkv.bias", "has a qkv bias", "has none",
@@ -297,14 +292,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ClassTokenViT, *,
     blocks = [(key, re.match(r"blocks\.(\d+)\.(.+)$", key)) for key in src]
     for key, match in blocks:
         if match and match[2] in _BLOCK_KEYS:
-            out[f"blocks.{match[1]}.{_BLOCK_KEYS[match[2]]}"] = src.take(key)
+            out[key] = src.take(key)
     for key, match in blocks:
         if match and match[2] in _LAYER_SCALES:
             gamma, layer = src.take(key), f"blocks.{match[1]}.{_LAYER_SCALES[match[2]]}"
             out[f"{layer}.weight"] = gamma[:, None] * out[f"{layer}.weight"]
             out[f"{layer}.bias"] = gamma * out[f"{layer}.bias"]
     if any(match and match[2] in _LAYER_SCALES for _, match in blocks):
-        notes.append("layer scale folded into attn.proj and mlp.2")
+        notes.append("layer scale folded into attn.proj and mlp.fc2")
     for key in ("norm.weight", "norm.bias"):
         if key in src:
             out[key] = src.take(key)
@@ -335,7 +330,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ClassTokenViT, *,
 
 
 def _convert_tokens(src: _Source, model: ClassTokenViT, out: dict[str, Tensor]) -> list[str]:
-    """Fill ``pos_embed``, ``cls_tokens`` and ``reg_tokens`` of ``out``; return notes."""
+    """Fill ``pos_embed``, ``cls_token`` and ``reg_token`` of ``out``; return notes."""
     notes = []
     dim = model.pos_embed.shape[-1]
     reg_key = next((k for k in ("register_tokens", "reg_token") if k in src), None)
@@ -358,33 +353,22 @@ def _convert_tokens(src: _Source, model: ClassTokenViT, out: dict[str, Tensor]) 
             cls = cls + pos[:, :1]
         else:
             notes.append("the checkpoint has no position embedding for cls_token")
-        out["cls_tokens"] = cls.expand(1, model.num_classes, dim).clone()
+        out["cls_token"] = cls.expand(1, model.num_classes, dim).clone()
         if model.num_classes > 1:
             notes.append(f"all {model.num_classes} class tokens start from the checkpoint's "
                          "cls_token (+ its position embedding)")
     if model.num_registers == 0:
-        out["reg_tokens"] = torch.zeros(1, 0, dim)
+        out["reg_token"] = torch.zeros(1, 0, dim)
     elif num_regs == model.num_registers:
         regs = src.take(reg_key)
         if num_regs and slots == num_cls + num_dist + num_regs:
             regs = regs + pos[:, num_cls:num_cls + num_regs]
-        out["reg_tokens"] = regs
+        out["reg_token"] = regs
     elif num_cls:
-        out["reg_tokens"] = out["cls_tokens"][:, :1].expand(1, model.num_registers, dim).clone()
+        out["reg_token"] = out["cls_token"][:, :1].expand(1, model.num_registers, dim).clone()
         notes.append(f"the model's register tokens ({model.num_registers}) start from the "
                      f"cls_token (+ its position embedding) because the checkpoint has {num_regs}")
     return notes
-
-
-def is_attnmaps_checkpoint(path: str | Path) -> bool:
-    """True for a ``.safetensors`` file in attnmaps' own key layout (load it with
-    :func:`~attnmaps.engine.checkpoint.load_weights`); False for foreign checkpoints."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return False
-    with safe_open(path, framework="pt") as f:
-        keys = f.keys()
-    return "cls_tokens" in keys
 
 
 def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
@@ -436,8 +420,8 @@ def load_pretrained(path: str | Path, model: ClassTokenViT, adapt_channels: bool
 
 def _is_backbone(key: str) -> bool:
     """Model keys that a conversion must fill (everything but head and gates)."""
-    if key in ("pos_embed", "cls_tokens", "reg_tokens") or key.startswith(("patch_embed.",
+    if key in ("pos_embed", "cls_token", "reg_token") or key.startswith(("patch_embed.",
                                                                            "norm.")):
         return True
     match = re.match(r"blocks\.\d+\.(.+)$", key)
-    return bool(match) and match[1] in _BLOCK_KEYS.values()
+    return bool(match) and match[1] in _BLOCK_KEYS

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -73,6 +74,19 @@ class ConvStemPatchEmbed(nn.Module):
         return self.proj(x)
 
 
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))``, the transformer block's MLP (timm's layout and names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
 
@@ -88,6 +102,9 @@ class DropPath(nn.Module):
 
 
 ATTENTION_KERNELS = ("auto", "fused", "explicit")
+_LEGACY_NAMES = {"cls_tokens": "cls_token", "reg_tokens": "reg_token", ".mlp.0.": ".mlp.fc1.",
+                 ".mlp.2.": ".mlp.fc2."}
+_LEGACY_KEY = re.compile(r"^cls_tokens$|^reg_tokens$|\.mlp\.0\.|\.mlp\.2\.")
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -203,8 +220,7 @@ class Block(nn.Module):
                                    attention_kernel)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, num_query_rows: int = 0,
                 num_queries: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -323,8 +339,8 @@ class ClassTokenViT(nn.Module):
         embed = ConvStemPatchEmbed if stem == "conv" else LinearPatchEmbed
         self.patch_embed = embed(in_chans, embed_dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
-        self.cls_tokens = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
-        self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, gates, gate_temperature,
@@ -340,7 +356,7 @@ class ClassTokenViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for p in (self.pos_embed, self.cls_tokens, self.reg_tokens):
+        for p in (self.pos_embed, self.cls_token, self.reg_token):
             nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -350,9 +366,17 @@ class ClassTokenViT(nn.Module):
         if self.head_type == "per_token":
             nn.init.trunc_normal_(self.head_weight, std=0.02)
 
+    @staticmethod
+    def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with the key names of checkpoints written before attnmaps took timm's
+        names (``cls_tokens`` -> ``cls_token``, ``reg_tokens`` -> ``reg_token``, ``mlp.0`` /
+        ``mlp.2`` -> ``mlp.fc1`` / ``mlp.fc2``); current names pass unchanged."""
+        return {_LEGACY_KEY.sub(lambda m: _LEGACY_NAMES[m[0]], key): value
+                for key, value in state.items()}
+
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW should not decay (tokens and position embeddings)."""
-        return {"pos_embed", "cls_tokens", "reg_tokens"}
+        return {"pos_embed", "cls_token", "reg_token"}
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -409,8 +433,8 @@ class ClassTokenViT(nn.Module):
         grid = (feats.shape[-2], feats.shape[-1])
         patches = feats.flatten(2).transpose(1, 2) + self._pos_embed(grid)
         batch, k = x.shape[0], self.num_classes
-        cls = self.cls_tokens.expand(batch, -1, -1)
-        seq = torch.cat([patches, self.reg_tokens.expand(batch, -1, -1)], dim=1)
+        cls = self.cls_token.expand(batch, -1, -1)
+        seq = torch.cat([patches, self.reg_token.expand(batch, -1, -1)], dim=1)
         if not self.class_blocks:
             seq = torch.cat([cls, seq], dim=1)
         depth = len(self.blocks)
@@ -487,4 +511,4 @@ class ClassTokenViT(nn.Module):
     def l0_penalty(self) -> Tensor:
         """Sum over all gated heads of P(gate != 0); zero when gates are off."""
         terms = [b.attn.gate.l0_penalty() for b in self.blocks if b.attn.gate is not None]
-        return torch.stack(terms).sum() if terms else self.cls_tokens.new_zeros(())
+        return torch.stack(terms).sum() if terms else self.cls_token.new_zeros(())

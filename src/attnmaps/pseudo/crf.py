@@ -6,10 +6,10 @@ Needs the optional extra ``pydensecrf2`` (``pip install "attnmaps[crf]"``; it in
 Parameters default to those of the attention/CAM seed refinement in PSA (Ahn & Kwak, CVPR 2018)
 and the WSSS code built on it: 10 mean-field iterations, an appearance (bilateral) kernel with
 ``sxy=80``, ``srgb=13``, ``compat=10`` and a smoothness (Gaussian) kernel with ``sxy=3``,
-``compat=3``; colours in 0..255 units. (IRN's label-map CRF uses ``sxy=50``, ``srgb=5``.)
+``compat=3``; colors in 0..255 units. (IRN's label-map CRF uses ``sxy=50``, ``srgb=5``.)
 
 Unary of a pseudo mask (:func:`pseudo_mask_probs`): every label gets a score, the background
-the binarisation threshold and each selected class its min-max normalised map (unselected
+the binarisation threshold and each selected class its min-max normalized map (unselected
 classes 0); the label the pseudo mask gave the pixel is raised to the pixel's highest score, so
 the CRF starts from the pseudo mask; the scores divided by their sum are the probabilities. A
 pixel whose map barely clears the threshold is thus a near tie, one deep inside an object or
@@ -33,10 +33,10 @@ def crf_refine(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *,
     """Labels [H,W] (int64) of a dense CRF with unary ``-log probs`` on ``image``.
 
     Args:
-        image: [H,W,C] colours in 0..255 units (uint8 RGB typically; any channel count).
+        image: [H,W,C] colors in 0..255 units (uint8 RGB typically; any channel count).
         probs: [L,H,W] label probabilities (clipped at 1e-5; rows need not sum to one).
         iterations: mean-field steps.
-        gaussian_*, bilateral_*: kernel widths (pixels, colour units) and weights.
+        gaussian_*, bilateral_*: kernel widths (pixels, color units) and weights.
     """
     try:
         import pydensecrf.densecrf as dcrf
@@ -54,10 +54,10 @@ def crf_refine(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *,
     # them is not invariant to the order, and this order gives exactly its RGB kernels.
     ys, xs = np.mgrid[:height, :width].astype(np.float32)
     position = np.stack([xs.ravel(), ys.ravel()])
-    colours = image.reshape(-1, image.shape[-1]).T.astype(np.float32)
+    colors = image.reshape(-1, image.shape[-1]).T.astype(np.float32)
     for features, compat in ((position / gaussian_sxy, gaussian_compat),
                              (np.concatenate([position / bilateral_sxy,
-                                              colours / bilateral_srgb]), bilateral_compat)):
+                                              colors / bilateral_srgb]), bilateral_compat)):
         crf.addPairwiseEnergy(np.ascontiguousarray(features, dtype=np.float32), compat=compat)
     q = np.asarray(crf.inference(iterations)).reshape(num_labels, height, width)
     return q.argmax(0).astype(np.int64)
@@ -67,7 +67,7 @@ def pseudo_mask_probs(maps: Tensor, selected: Tensor, masks: Tensor, threshold: 
                       has_background: bool) -> Tensor:
     """CRF label probabilities [B,L,H,W] of pseudo masks (see the module doc).
 
-    ``maps`` [B,K,H,W] are min-max normalised class maps at mask size, ``selected`` [B,K] the
+    ``maps`` [B,K,H,W] are min-max normalized class maps at mask size, ``selected`` [B,K] the
     classes the masks were built from, ``masks`` [B,H,W] the pseudo masks (labels in 0..L-1,
     ``L = K + 1`` with background). A pixel with all scores 0 gets equal probabilities.
     """
@@ -100,13 +100,13 @@ def crf_pseudo_masks(images: np.ndarray, maps: Tensor, selected: Tensor, masks: 
 
 
 def images_to_uint8_range(images: Tensor, mean: Tensor, std: Tensor) -> np.ndarray:
-    """Normalised images [B,C,H,W] back to colours in 0..255 units, [B,H,W,C] float32.
+    """Normalized images [B,C,H,W] back to colors in 0..255 units, [B,H,W,C] float32.
 
     ``(x * std + mean) * 255`` clipped to 0..255: the stored image (resized) for 8-bit data,
     whose pixels the datasets scale to [0, 1]. Other data (e.g. GeoTIFF reflectances, used in
-    their own units) are mostly clipped to 255 here, which leaves the colour kernel blind: the
+    their own units) are mostly clipped to 255 here, which leaves the color kernel blind: the
     CRF is meant for 8-bit images.
     """
-    colours = (images.float() * std.to(images.device).view(1, -1, 1, 1)
+    colors = (images.float() * std.to(images.device).view(1, -1, 1, 1)
                + mean.to(images.device).view(1, -1, 1, 1)) * 255.0
-    return colours.clamp(0, 255).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return colors.clamp(0, 255).permute(0, 2, 3, 1).contiguous().cpu().numpy()

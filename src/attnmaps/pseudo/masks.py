@@ -1,7 +1,7 @@
 """Pseudo-mask generation from per-class attention maps.
 
 Pipeline (all batched, on the input tensors' device): select classes per image, gather the maps
-of the selected classes only, upsample them to image size, min-max normalise each map, binarise
+of the selected classes only, upsample them to image size, min-max normalize each map, binarise
 and merge them into one label map, and (datasets without background) give unclaimed pixels the
 label of the nearest claimed pixel.
 
@@ -178,7 +178,7 @@ def make_pseudo_masks(
     Classes are selected by :func:`select_classes` (ground-truth ``labels`` for "seeds"
     scoring, else predicted ``probs``); only the selected classes' maps are gathered (see
     :func:`selected_indices`), upsampled to ``image_size`` (skipped when they are already full
-    resolution), min-max normalised per map and merged by :func:`merge_masks`; without
+    resolution), min-max normalized per map and merged by :func:`merge_masks`; without
     background, unclaimed pixels are then completed by :func:`fill_unassigned`. The result equals
     merging all K maps with the unselected ones masked out, at the cost of the selected ones
     only. The default ``threshold`` of 0.3 is a starting point only: the value used in practice

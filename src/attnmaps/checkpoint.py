@@ -12,6 +12,7 @@ leaves the previous pair intact. Example::
 
 import random
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ..atomic import atomic_write
+from .atomic import atomic_write
 
 _ID_KEY = "checkpoint_id"
 
@@ -35,23 +36,27 @@ def checkpoint_paths(run_dir: str | Path, tag: str = "last") -> tuple[Path, Path
 
 
 def save_checkpoint(
-    run_dir: str | Path, model: nn.Module, extra_state: dict[str, Any], *, tag: str = "last"
+    run_dir: str | Path, model: nn.Module, extra_state: dict[str, Any], *, tag: str = "last",
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Atomically save ``model``'s weights and ``extra_state`` as checkpoint ``tag``.
 
     ``extra_state`` may hold tensors, numbers, strings, lists, tuples and dicts (e.g. optimizer
     and scheduler state dicts, epoch, step, :func:`capture_rng_state`). Tied (shared) tensors
-    are stored once.
+    are stored once. ``metadata`` (strings) goes into the weights file's safetensors header
+    (see :func:`read_metadata`), e.g. what is needed to rebuild the model.
     """
     weights_path, state_path = checkpoint_paths(run_dir, tag)
-    if _ID_KEY in extra_state:
-        raise ValueError(f"extra_state must not use the reserved key {_ID_KEY!r}")
+    metadata = dict(metadata or {})
+    for name, mapping in (("extra_state", extra_state), ("metadata", metadata)):
+        if _ID_KEY in mapping:
+            raise ValueError(f"{name} must not use the reserved key {_ID_KEY!r}")
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     pair_id = uuid.uuid4().hex
     atomic_write(
         {
             weights_path: lambda tmp: save_model(
-                model, str(tmp), metadata={_ID_KEY: pair_id}, force_contiguous=True
+                model, str(tmp), metadata={**metadata, _ID_KEY: pair_id}, force_contiguous=True
             ),
             state_path: lambda tmp: torch.save({**extra_state, _ID_KEY: pair_id}, tmp),
         }
@@ -70,8 +75,7 @@ def load_checkpoint(
     for path in (weights_path, state_path):
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-    with safe_open(weights_path, framework="pt") as f:
-        weights_id = (f.metadata() or {}).get(_ID_KEY)
+    weights_id = read_metadata(weights_path).get(_ID_KEY)
     state = torch.load(state_path, map_location=map_location, weights_only=True)
     if state.pop(_ID_KEY, None) != weights_id:
         raise ValueError(
@@ -82,16 +86,30 @@ def load_checkpoint(
     return state
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in the header of a ``.safetensors`` file (empty when none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_weights(path: str | Path, model: nn.Module) -> None:
     """Load a bare ``.safetensors`` file into ``model`` strictly.
 
     A key missing from the file is accepted when it is tied to (shares storage with) a key that
-    the file has. Nothing is loaded when keys or shapes do not match.
+    the file has. Nothing is loaded when keys or shapes do not match. A model with an
+    ``upgrade_state_dict(tensors)`` method (as :class:`~attnmaps.models.vit.ClassTokenViT`)
+    first renames the keys of files written under older names.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}")
     tensors = load_file(path)
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if upgrade is not None:
+        tensors = upgrade(tensors)
     expected = model.state_dict()
     stored = {_storage_key(t): name for name, t in expected.items() if name in tensors}
     full = {
