@@ -13,6 +13,7 @@ class GAPConvNet(nn.Module):
     """Stages of two 3x3 conv + BN + ReLU (each stage after the first halves the resolution),
     global average pooling and a linear classifier; ``cam`` maps average exactly to the logits.
 
+    >>> import torch
     >>> net = GAPConvNet(num_classes=4)
     >>> logits, maps = net.forward_with_maps(torch.randn(2, 3, 32, 32))
     >>> logits.shape, maps.shape
