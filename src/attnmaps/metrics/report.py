@@ -13,7 +13,7 @@ import torch
 from attnmaps.atomic import atomic_write
 from attnmaps.conventions import IGNORE_INDEX
 from attnmaps.data.image_io import read_mask
-from attnmaps.metrics.segmentation import confusion_matrix, metrics_from_confusion
+from attnmaps.metrics.segmentation import SegmentationMetric, metrics_from_confusion
 
 
 def to_jsonable(value: object) -> object:
@@ -91,7 +91,7 @@ def evaluate_directories(
             f"{pred_dir}: {_name_some(missing)}"
         )
 
-    confusion = torch.zeros(256, 256, dtype=torch.int64)
+    metric = SegmentationMetric(256)
     max_label: dict[str, int] = {}
     for gt_path in gt_paths:
         pred_path = pred_dir / gt_path.name
@@ -101,10 +101,11 @@ def evaluate_directories(
                 f"prediction {pred_path} has size {tuple(pred.shape)} but ground truth "
                 f"{gt_path} has size {tuple(gt.shape)}"
             )
-        image_confusion = confusion_matrix(pred, gt, 256, IGNORE_INDEX)
-        used = (image_confusion.sum(dim=0) + image_confusion.sum(dim=1)).nonzero()
+        scored = gt != IGNORE_INDEX
+        used = torch.cat([gt[scored], pred[scored]])
         max_label[gt_path.stem] = int(used.max()) if used.numel() else -1
-        confusion += image_confusion
+        metric.update(pred, gt)
+    confusion = metric.compute()["confusion"]
 
     if class_names is None:
         counts = confusion.sum(dim=1) + confusion.sum(dim=0)
