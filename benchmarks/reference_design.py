@@ -153,7 +153,10 @@ class ReferenceViT(nn.Module):
 def reference_loss(model: ReferenceViT, logits: Tensor, labels: Tensor,
                    gate_lambda: float = 0.01) -> Tensor:
     """BCE on the sigmoid outputs plus ``gate_lambda`` times the L0 penalty."""
-    return F.binary_cross_entropy(torch.sigmoid(logits), labels) + gate_lambda * model.l0_penalty()
+    # The official code's BCE(sigmoid(x)), written with logits: the same maths, and allowed under
+    # CUDA autocast.
+    return (F.binary_cross_entropy_with_logits(logits, labels)
+            + gate_lambda * model.l0_penalty())
 
 
 def bfs_fill(labels: np.ndarray, to_fill: int = UNASSIGNED) -> np.ndarray:

@@ -158,3 +158,12 @@ def test_metric_averages_defined_values_over_batches(tmp_path):
         assert result[name] == pytest.approx(np.nanmean(row.numpy())), name
     metric.reset()
     assert all(math.isnan(value) for value in metric.compute().values())
+
+
+def test_a_map_holding_nan_scores_nan_everywhere():
+    """NaN relevance has no order: every score is NaN, not a number above 1 or a silent 0."""
+    maps = torch.tensor([[[math.nan, 0.9, 0.3, 0.5, 0.2, 0.7]]])
+    masks = torch.tensor([[[False, True, False, False, False, True]]])
+    for score in (roc_auc, pointing_game, thresholded_iou, energy_pointing_game,
+                  relevance_rank_accuracy):
+        assert score(maps, masks).isnan().all(), score.__name__

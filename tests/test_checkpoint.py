@@ -15,6 +15,7 @@ from attnmaps.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from attnmaps.errors import CheckpointError
 
 
 class Tiny(nn.Module):
@@ -158,7 +159,7 @@ def test_missing_files(tmp_path):
         load_checkpoint(tmp_path, Tiny())
     save_checkpoint(tmp_path, Tiny(), {})
     (tmp_path / "last.state.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"last\.state\.pt"):
+    with pytest.raises(CheckpointError, match=r"last\.state\.pt"):
         load_checkpoint(tmp_path, Tiny())
     with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         load_weights(tmp_path / "nothing.safetensors", Tiny())
@@ -197,21 +198,46 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_at):
     _assert_same_weights(good, target)
 
 
-def test_interrupted_between_moves_is_detected(tmp_path, monkeypatch):
+@pytest.mark.parametrize("moves_done", [0, 1, 2, 3])
+def test_a_save_killed_between_moves_loses_at_most_that_save(tmp_path, monkeypatch, moves_done):
+    """A save moves 4 files (the current pair to .prev, the new pair into place); killed after
+    any of them, loading gives the last complete checkpoint (epoch 2), never a torn pair."""
     save_checkpoint(tmp_path, Tiny(), {"epoch": 1})
+    save_checkpoint(tmp_path, Tiny(), {"epoch": 2})
     real_replace = os.replace
     calls = []
 
-    def replace_once(src, dst):
+    def replace_some(src, dst):
         calls.append(dst)
-        if len(calls) > 1:
+        if len(calls) > moves_done:
             raise OSError("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace_once)
+    monkeypatch.setattr(os, "replace", replace_some)
     with pytest.raises(OSError, match="power cut"):
-        save_checkpoint(tmp_path, Tiny(), {"epoch": 2})
+        save_checkpoint(tmp_path, Tiny(), {"epoch": 3})
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors", "last.state.pt"]
-    with pytest.raises(ValueError, match="come from different saves"):
+    assert not list(tmp_path.glob("*.tmp"))
+    if moves_done:
+        with pytest.warns(UserWarning, match="newest complete checkpoint"):
+            assert load_checkpoint(tmp_path, Tiny())["epoch"] == 2
+    else:
+        assert load_checkpoint(tmp_path, Tiny())["epoch"] == 2
+
+
+def test_damaged_checkpoint_falls_back_and_names_the_file(tmp_path):
+    save_checkpoint(tmp_path, Tiny(), {"epoch": 1})
+    save_checkpoint(tmp_path, Tiny(), {"epoch": 2})
+    (tmp_path / "last.safetensors").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match=r"last\.safetensors is damaged"):
+        assert load_checkpoint(tmp_path, Tiny())["epoch"] == 1
+    (tmp_path / "last.prev.state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last\.prev\.state\.pt is damaged"):
         load_checkpoint(tmp_path, Tiny())
+
+
+def test_stale_temporary_files_are_removed_by_the_next_save(tmp_path):
+    stale = tmp_path / ".last.safetensors.0123abcd.tmp"
+    stale.write_bytes(b"x" * 100)
+    save_checkpoint(tmp_path, Tiny(), {"epoch": 1})
+    assert not stale.exists()

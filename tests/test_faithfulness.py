@@ -218,3 +218,14 @@ def test_average_drop_and_increase_hand_example():
     assert result["drop"].tolist() == pytest.approx([0.0, 40.0])
     with pytest.raises(ValueError, match="positive"):
         average_drop_increase(lambda x: score(x) - 2, images, maps)
+
+
+def test_imputation_never_writes_into_its_input():
+    """A float64 CPU input shares memory with its numpy view: it must come back unchanged."""
+    torch.manual_seed(3)
+    image = torch.rand(2, 6, 7, dtype=torch.float64)
+    kept = image.clone()
+    removed = torch.zeros(6, 7, dtype=torch.bool)
+    removed[2:4, 3:5] = True
+    impute_linear(image, removed)
+    assert torch.equal(image, kept)

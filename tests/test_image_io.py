@@ -90,3 +90,13 @@ def test_write_image_png_and_jpeg(tmp_path):
         write_image(tmp_path / "x.bmp", image)
     with pytest.raises(ValueError, match="uint8"):
         write_image(tmp_path / "y.png", image.astype(np.float32))
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    values = (np.arange(12).reshape(3, 4) * 5000).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = read_image(tmp_path / "deep.png")
+    assert image.shape == (3, 4, 3)
+    assert np.array_equal(image[..., 0], np.round(values / 257).astype(np.uint8))
+    assert len(np.unique(image)) == 12  # not flattened to 255

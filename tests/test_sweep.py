@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single(run_dir: Path) -> dict[float, tuple[float, float]]:
     """mIoU from predicted and from true labels of evaluate() run at each single threshold."""
-    cfg, model = load_run(run_dir)
+    cfg, model = load_run(run_dir, device="cpu")
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     result = {}
     for t in THRESHOLDS:
@@ -120,7 +120,7 @@ def test_refining_only_the_selected_maps_scores_as_refining_all(
     import attnmaps.engine.evaluate as evaluation
     from attnmaps.pseudo.pamr import pamr
 
-    cfg, model = load_run(run_dir)
+    cfg, model = load_run(run_dir, device="cpu")
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     settings = replace(cfg.pseudo, refine_iterations=3)
 

@@ -16,7 +16,7 @@ from attnmaps.engine.train import train
 
 TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
         "model.num_heads=2", "train.batch_size=8", "train.epochs=2", "train.log_every=1",
-        "train.warmup_epochs=0.5", "model.attn_blocks=last2"]
+        "train.warmup_epochs=0.5", "model.attn_blocks=last2", "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")

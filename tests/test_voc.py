@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,14 @@ def test_unreadable_image_and_missing_labels(voc):
         ds[2]
     with pytest.raises(ValueError, match=r"d\.png"):
         ds[3]
+
+
+def test_missing_classes_txt_outside_a_voc_folder_warns(voc, tmp_path):
+    root, _ = voc
+    other = root.rename(tmp_path / "shapes")
+    with pytest.warns(UserWarning, match="classes.txt not found: using the 21 PASCAL VOC"):
+        VOCDataset(other)
+    named = other.rename(tmp_path / "VOC2012")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VOCDataset(named)

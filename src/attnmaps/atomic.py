@@ -8,13 +8,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
-def atomic_write(writers: Mapping[Path, Callable[[Path], object]], durable: bool = True) -> None:
+def atomic_write(writers: Mapping[Path, Callable[[Path], object]], durable: bool = True,
+                 before_replace: Callable[[], object] | None = None) -> None:
     """Write several files so that each is either fully replaced or left as it was.
 
     Each writer fills a temporary sibling of its target; once all are written (and, when
-    ``durable``, fsynced) they are moved into place with ``os.replace`` in the given order. On
-    any error the temporary files are removed and the targets keep their previous content.
-    Parent directories are created.
+    ``durable``, fsynced) ``before_replace()`` runs, if given, and the files are
+    moved into place with ``os.replace`` in the given order. On any error the temporary files are
+    removed and the targets keep their previous content. Parent directories are created.
     """
     temps: dict[Path, Path] = {}
     try:
@@ -25,6 +26,8 @@ def atomic_write(writers: Mapping[Path, Callable[[Path], object]], durable: bool
             if durable:
                 with open(temps[target], "rb") as f:
                     os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         for target in list(temps):
             os.replace(temps[target], target)
             del temps[target]

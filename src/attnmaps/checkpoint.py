@@ -2,7 +2,9 @@
 
 A checkpoint ``<tag>`` in ``run_dir`` is the pair ``<tag>.safetensors`` / ``<tag>.state.pt``.
 Both files are written to temporary siblings first and then moved into place, so a failed save
-leaves the previous pair intact. Example::
+leaves the previous pair intact; the pair it replaces is kept as ``<tag>.prev.*``, and
+:func:`load_checkpoint` falls back to it (with a warning) when ``<tag>`` is missing or damaged.
+Temporary files left by a killed save are removed by the next save. Example::
 
     save_checkpoint(run_dir, model, {"optimizer": opt.state_dict(), "epoch": 3,
                                      "rng": capture_rng_state()})
@@ -10,19 +12,23 @@ leaves the previous pair intact. Example::
     restore_rng_state(state["rng"])
 """
 
+import os
+import pickle
 import random
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .atomic import atomic_write
+from .errors import CheckpointError
 
 _ID_KEY = "checkpoint_id"
 
@@ -52,14 +58,25 @@ def save_checkpoint(
         if _ID_KEY in mapping:
             raise ValueError(f"{name} must not use the reserved key {_ID_KEY!r}")
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in weights_path.parent.glob(f".{tag}.*.tmp"):
+        stale.unlink(missing_ok=True)
     pair_id = uuid.uuid4().hex
+    previous = checkpoint_paths(run_dir, f"{tag}.prev")
+
+    def keep_previous() -> None:
+        """Called once both new files are written: the current pair becomes ``<tag>.prev``."""
+        if weights_path.is_file() and state_path.is_file():
+            os.replace(weights_path, previous[0])
+            os.replace(state_path, previous[1])
+
     atomic_write(
         {
             weights_path: lambda tmp: save_model(
                 model, str(tmp), metadata={**metadata, _ID_KEY: pair_id}, force_contiguous=True
             ),
             state_path: lambda tmp: torch.save({**extra_state, _ID_KEY: pair_id}, tmp),
-        }
+        },
+        before_replace=keep_previous,
     )
 
 
@@ -70,18 +87,49 @@ def load_checkpoint(
     tag: str = "last",
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Load checkpoint ``tag`` into ``model`` (strictly) and return its ``extra_state``."""
-    weights_path, state_path = checkpoint_paths(run_dir, tag)
+    """Load checkpoint ``tag`` into ``model`` (strictly) and return its ``extra_state``.
+
+    When that pair is missing, damaged or torn (a save killed while moving files), the newest
+    weights/state pair from one save among ``<tag>`` and ``<tag>.prev`` is loaded instead, with
+    a warning naming the problem, so a kill at any point of a save loses at most that save.
+    Raises ``FileNotFoundError`` when ``<tag>`` was never saved and
+    :class:`~attnmaps.errors.CheckpointError` naming the files when no pair can be used.
+    """
+    current, previous = checkpoint_paths(run_dir, tag), checkpoint_paths(run_dir, f"{tag}.prev")
+    if not any(path.is_file() for path in (*current, *previous)):
+        raise FileNotFoundError(f"Checkpoint file not found: {current[0]} (no checkpoint "
+                                f"{tag!r} in {run_dir})")
+    problems = []
+    for weights_path, state_path in ((current[0], current[1]), (current[0], previous[1]),
+                                     (previous[0], current[1]), (previous[0], previous[1])):
+        try:
+            state = _load_pair(weights_path, state_path, model, map_location)
+        except (CheckpointError, FileNotFoundError) as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            warnings.warn(f"{problems[0]}; resumed from {weights_path.name} + {state_path.name} "
+                          "(the newest complete checkpoint) instead", stacklevel=2)
+        return state
+    raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": "
+                          + "; ".join(dict.fromkeys(problems)))
+
+
+def _load_pair(weights_path: Path, state_path: Path, model: nn.Module,
+               map_location: str | torch.device) -> dict[str, Any]:
+    """The state of one weights/state pair, its weights loaded into ``model``."""
     for path in (weights_path, state_path):
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
     weights_id = read_metadata(weights_path).get(_ID_KEY)
-    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{state_path} is damaged or not a checkpoint state file "
+                              f"({type(exc).__name__}: {first_line})") from None
     if state.pop(_ID_KEY, None) != weights_id:
-        raise ValueError(
-            f"{weights_path} and {state_path} come from different saves (the last save was "
-            "interrupted between moving the two files into place); resume from another tag"
-        )
+        raise CheckpointError(f"{weights_path} and {state_path} come from different saves")
     load_weights(weights_path, model)
     return state
 
@@ -91,8 +139,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({exc})") from None
 
 
 def load_weights(path: str | Path, model: nn.Module) -> None:
@@ -106,7 +157,10 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}")
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({exc})") from None
     upgrade = getattr(model, "upgrade_state_dict", None)
     if upgrade is not None:
         tensors = upgrade(tensors)
@@ -134,7 +188,7 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
             )
             if names
         ]
-        raise ValueError(
+        raise CheckpointError(
             f"Weights in {path} do not match {type(model).__name__}; " + "; ".join(problems)
         )
     model.load_state_dict(full)

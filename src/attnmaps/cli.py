@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .engine.interrupt import Interrupted
+from .errors import AttnmapsError
 from .progress import log_to_stdout
 
 
@@ -32,7 +35,7 @@ def _train(args: argparse.Namespace) -> None:
     from .engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    metrics = train(cfg, resume=args.resume)
+    metrics = train(cfg, resume=args.resume, allow_changes=args.allow_changes)
     if is_main_process():
         print(f"run directory: {cfg.out_dir}  "
               f"pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
@@ -49,12 +52,12 @@ def _pseudo_masks(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from .data.base import read_names
     from .metrics.report import evaluate_directories, format_iou_table, save_metrics
 
-    names = None
-    if args.classes:
-        names = [n.strip() for n in Path(args.classes).read_text().splitlines() if n.strip()]
-    metrics = evaluate_directories(args.pred, args.gt, class_names=names)
+    names = read_names(Path(args.classes)) if args.classes else None
+    ids = read_names(Path(args.ids)) if args.ids else None
+    metrics = evaluate_directories(args.pred, args.gt, class_names=names, ids=ids)
     print(format_iou_table(metrics))
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     save_metrics(out, metrics)
@@ -103,6 +106,8 @@ def _guide_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnmaps", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also ATTNMAPS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate synthetic data, train, make and score pseudo masks")
@@ -127,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a class-token ViT from image-level labels")
     train.add_argument("--config", help="YAML config file")
     train.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: continue with settings that differ from the run's "
+                            "config.yaml (the old one is kept beside it)")
     train.add_argument("overrides", nargs="*", help="config overrides key=value")
     train.set_defaults(func=_train)
 
@@ -142,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", required=True, help="directory of predicted PNG masks")
     evaluate.add_argument("--gt", required=True, help="directory of ground-truth PNG masks")
     evaluate.add_argument("--classes", help="classes.txt with one name a line")
+    evaluate.add_argument("--ids", help="score only these ids (one a line, e.g. a VOC split "
+                                        "file ImageSets/Segmentation/val.txt); default: every "
+                                        "mask in --gt")
     evaluate.add_argument("--out", help="metrics.json path (default: PRED/metrics.json)")
     evaluate.set_defaults(func=_evaluate)
 
@@ -173,15 +184,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause and fix (bad config, data, paths, checkpoints, missing extras, a
+# diverging run): one line and exit code 2. Anything else is a bug: one line pointing at --debug.
+USER_ERRORS = (AttnmapsError, ValueError, OSError, ImportError, FloatingPointError, EOFError,
+               UnicodeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, 2 for a user error, 130/143 after
+    Ctrl-C/SIGTERM, 1 for an internal error). ``--debug`` or ``ATTNMAPS_DEBUG=1`` re-raises
+    instead, with the traceback."""
     args = build_parser().parse_args(argv)
     log_to_stdout()
+    if args.debug or os.environ.get("ATTNMAPS_DEBUG") == "1":
+        args.func(args)
+        return 0
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        print(f"attnmaps {args.command}: error: {error}", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"attnmaps {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"attnmaps {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        print(f"attnmaps {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 (the boundary: report, do not crash)
+        print(f"attnmaps {args.command}: internal error: {type(error).__name__}: "
+              f"{_one_line(error)}; rerun with --debug for the traceback and report it",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text
 
 
 if __name__ == "__main__":

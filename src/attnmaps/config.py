@@ -9,6 +9,7 @@ Example::
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -19,30 +20,44 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .atomic import atomic_write
+from .errors import ConfigError
 
 # Field metadata checked by ``_coerce``: "choices" (allowed strings), "pattern" ((regex matching
-# the whole value, description)) and "length" (number of list items).
+# the whole value, description)), "length" (number of list items) and "range" (bounds of a number
+# or of every item of a list, see :func:`_bounds`).
 _PAIR = {"length": 2}
+
+
+def _bounds(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False) -> dict:
+    """Field metadata bounding a number: ``low <= x <= high`` (``<`` where open)."""
+    return {"range": (low, high, open_low, open_high)}
+
+
+_COUNT = _bounds(1)
+_NON_NEGATIVE = _bounds(0)
+_POSITIVE = _bounds(0, open_low=True)
+_FRACTION = _bounds(0, 1)
 
 
 @dataclass
 class ModelConfig:
-    in_chans: int = 3
+    in_chans: int = field(default=3, metadata=_COUNT)
     img_size: list[int] = field(default_factory=lambda: [64, 64], metadata=_PAIR)
-    patch_size: int = 4
-    embed_dim: int = 128
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    patch_size: int = field(default=4, metadata=_COUNT)
+    embed_dim: int = field(default=128, metadata=_COUNT)
+    depth: int = field(default=6, metadata=_COUNT)
+    num_heads: int = field(default=4, metadata=_COUNT)
+    mlp_ratio: float = field(default=4.0, metadata=_POSITIVE)
     qkv_bias: bool = True
-    drop_path: float = 0.0
-    num_registers: int = 1
+    drop_path: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
+    num_registers: int = field(default=1, metadata=_NON_NEGATIVE)
     head: str = field(default="joint", metadata={"choices": ("joint", "per_token")})
     stem: str = field(default="conv", metadata={"choices": ("conv", "linear")})
     gates: bool = True
-    gate_temperature: float = 0.33
-    mask_rate: float = 0.5
-    class_blocks: int = 0
+    gate_temperature: float = field(default=0.33, metadata=_POSITIVE)
+    mask_rate: float = field(default=0.5, metadata=_FRACTION)
+    class_blocks: int = field(default=0, metadata=_NON_NEGATIVE)
     grad_checkpointing: bool = False
     attention_kernel: str = field(default="auto",
                                   metadata={"choices": ("auto", "fused", "explicit")})
@@ -65,43 +80,50 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     hflip: bool = True
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
     crop_scale: list[float] | None = field(default=None, metadata=_PAIR)
-    rotate: float = 0.0
-    color_jitter: float = 0.0
+    rotate: float = field(default=0.0, metadata=_bounds(0, 180))
+    color_jitter: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
     has_background: bool | None = None
     label_map: list[int] | None = None
-    label_min_fraction: float = 0.0
+    label_min_fraction: float = field(default=0.0, metadata=_FRACTION)
+    # manifest datasets: accept image / mask paths outside data.root (absolute or with '..')
+    allow_outside_root: bool = False
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64  # the global batch: under torchrun each process takes batch_size / N
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_PAIR)
-    grad_clip: float | None = 1.0
-    gate_lambda: float = 0.01
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 20
+    epochs: int = field(default=10, metadata=_COUNT)
+    # the global batch: under torchrun each process takes batch_size / N
+    batch_size: int = field(default=64, metadata=_COUNT)
+    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    min_lr: float = field(default=1e-5, metadata=_NON_NEGATIVE)
+    warmup_epochs: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    weight_decay: float = field(default=0.05, metadata=_NON_NEGATIVE)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95],
+                               metadata={**_PAIR, **_bounds(0, 1, open_high=True)})
+    grad_clip: float | None = field(default=1.0, metadata=_POSITIVE)
+    gate_lambda: float = field(default=0.01, metadata=_NON_NEGATIVE)
+    seed: int = field(default=0, metadata=_NON_NEGATIVE)
+    device: str = field(default="auto", metadata={"pattern": (
+        r"auto|cpu|mps|cuda(:[0-9]+)?", "'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")})
+    log_every: int = field(default=20, metadata=_COUNT)
+    # steps between checkpoints inside an epoch (0: only at epoch ends and on Ctrl-C / SIGTERM)
+    checkpoint_every: int = field(default=200, metadata=_NON_NEGATIVE)
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
     compile: bool = False
-    mask_fraction: float = 0.0
-    guide_weight: float = 1.0
+    mask_fraction: float = field(default=0.0, metadata=_FRACTION)
+    guide_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     guide_form: str = field(default="contrast", metadata={"choices": ("contrast", "energy")})
 
 
 @dataclass
 class PseudoMaskConfig:
-    threshold: float = 0.3
-    prob_threshold: float = 0.5
+    threshold: float = field(default=0.3, metadata=_FRACTION)
+    prob_threshold: float = field(default=0.5, metadata=_FRACTION)
     use_true_labels: bool = False
-    refine_iterations: int = 0
-    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    refine_iterations: int = field(default=0, metadata=_NON_NEGATIVE)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0], metadata=_POSITIVE)
     tta_flip: bool = False
     crf: bool = False
 
@@ -125,15 +147,15 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ValueError(f"Config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ValueError(f"Config file {path} must hold a YAML mapping, got {data!r}")
+            raise ConfigError(f"Config file {path} must hold a YAML mapping, got {data!r}")
         try:
             _merge(cfg, data, "")
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}") from None
     return apply_overrides(cfg, overrides)
 
 
@@ -149,7 +171,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(
+            raise ConfigError(
                 f"Malformed override {item!r}: expected 'key=value', e.g. 'train.lr=3e-4'"
             )
         key = key.strip()
@@ -158,7 +180,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         for part in parents:
             _lookup(section, part, prefix)
             if not is_dataclass(getattr(section, part)):
-                raise ValueError(
+                raise ConfigError(
                     f"Config key '{prefix}{part}' is not a section, so '{key}' does not exist"
                 )
             section, prefix = getattr(section, part), f"{prefix}{part}."
@@ -197,7 +219,7 @@ def _lookup(section: Any, key: str, prefix: str) -> tuple[dataclasses.Field, Any
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
         where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key '{prefix}{key}'.{hint} Valid keys in {where}: {', '.join(valid)}"
         )
     return by_name[key], get_type_hints(type(section))[key]
@@ -213,7 +235,7 @@ def _merge(section: Any, data: Mapping, prefix: str) -> None:
 def _assign(section: Any, target: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
     if is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ValueError(f"Config key '{key}' is a section; expected a mapping, got {value!r}")
+            raise ConfigError(f"Config key '{key}' is a section; expected a mapping, got {value!r}")
         _merge(getattr(section, target.name), value, f"{key}.")
     else:
         setattr(section, target.name, _coerce(value, tp, target.metadata, key))
@@ -229,7 +251,7 @@ def _parse_override(raw: str, tp: Any, key: str) -> Any:
     except yaml.YAMLError as exc:
         if base is str:
             return raw
-        raise ValueError(f"Override '{key}={raw}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"Override '{key}={raw}': value is not valid YAML ({exc})") from None
     if base is str and value is not None and not isinstance(value, str):
         return raw
     return value
@@ -253,7 +275,7 @@ def _coerce(value: Any, tp: Any, metadata: Mapping[str, Any], key: str) -> Any:
     try:
         result = _convert(value, tp)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise ConfigError(
             f"Config key '{key}': got {value!r} ({type(value).__name__}), "
             f"expected {_type_name(tp)}"
         ) from None
@@ -262,16 +284,35 @@ def _coerce(value: Any, tp: Any, metadata: Mapping[str, Any], key: str) -> Any:
     choices = metadata.get("choices")
     if choices and result not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"Config key '{key}': got {result!r}, expected one of {allowed}")
+        raise ConfigError(f"Config key '{key}': got {result!r}, expected one of {allowed}")
     pattern = metadata.get("pattern")
     if pattern and not re.fullmatch(pattern[0], result):
-        raise ValueError(f"Config key '{key}': got {result!r}, expected {pattern[1]}")
+        raise ConfigError(f"Config key '{key}': got {result!r}, expected {pattern[1]}")
     length = metadata.get("length")
     if length is not None and len(result) != length:
-        raise ValueError(
+        raise ConfigError(
             f"Config key '{key}': got {result!r}, expected a list of {length} values"
         )
+    bounds = metadata.get("range")
+    if bounds is not None:
+        _check_range(result, bounds, key)
     return result
+
+
+def _check_range(value: Any, bounds: tuple, key: str) -> None:
+    """Raise naming ``key`` when ``value`` (or an item of a list) lies outside ``bounds``."""
+    low, high, open_low, open_high = bounds
+    for item in value if isinstance(value, list) else [value]:
+        too_low = low is not None and (item <= low if open_low else item < low)
+        too_high = high is not None and (item >= high if open_high else item > high)
+        if too_low or too_high or math.isnan(item):
+            parts = []
+            if low is not None:
+                parts.append(f"{'>' if open_low else '>='} {low:g}")
+            if high is not None:
+                parts.append(f"{'<' if open_high else '<='} {high:g}")
+            raise ConfigError(f"Config key '{key}': got {value!r}, expected a value "
+                             f"{' and '.join(parts)}")
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -298,17 +339,17 @@ def _validate(cfg: Config) -> None:
     for name in ("mean", "std"):
         values = getattr(cfg.data, name)
         if len(values) != channels:
-            raise ValueError(
+            raise ConfigError(
                 f"Config key 'data.{name}' has {len(values)} values {values}, expected one per "
                 f"input channel (model.in_chans={channels})"
             )
     if not 0.0 <= cfg.train.mask_fraction <= 1.0:
-        raise ValueError(f"Config key 'train.mask_fraction' is {cfg.train.mask_fraction}; expected "
+        raise ConfigError(f"Config key 'train.mask_fraction' is {cfg.train.mask_fraction}; expected "
                          "a fraction of the training images in [0, 1]")
     if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
-        raise ValueError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
+        raise ConfigError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
                          f"(class tokens in every block) up to model.depth={cfg.model.depth}")
     scales = cfg.pseudo.tta_scales
     if not scales or min(scales) <= 0:
-        raise ValueError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
+        raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
                          "positive scales, e.g. [0.75, 1.0, 1.25]")

@@ -25,8 +25,10 @@ SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.json"
 
 
-def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, ClassTokenViT]:
-    """The resolved config (plus ``overrides``) and the trained model of a run directory."""
+def load_run(run_dir: Path, overrides: Sequence[str] = (),
+             device: str | None = None) -> tuple[Config, ClassTokenViT]:
+    """The resolved config (plus ``overrides``) and the trained model of a run directory, on
+    ``device`` (default: the run's ``train.device``)."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; is {run_dir} a run directory written "
@@ -44,7 +46,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Config, Clas
             num_classes = f.get_slice(key).get_shape()[1]
     model = create_model(cfg.model, num_classes)
     load_weights(weights, model)
-    return cfg, model.to(resolve_device(cfg.train.device)).eval()
+    return cfg, model.to(resolve_device(device or cfg.train.device)).eval()
 
 
 def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,

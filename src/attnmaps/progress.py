@@ -16,11 +16,13 @@ from tqdm import tqdm
 logger = logging.getLogger("attnmaps")
 
 
-def progress(iterable: Iterable, desc: str, enabled: bool = True) -> tqdm:
+def progress(iterable: Iterable, desc: str, enabled: bool = True,
+             total: int | None = None) -> tqdm:
     """``iterable`` wrapped in a progress bar that shows only when ``enabled`` and stderr is a
-    terminal (the returned object iterates and takes ``set_postfix`` either way)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0,
-                disable=not (enabled and sys.stderr.isatty()))
+    terminal (the returned object iterates and takes ``set_postfix`` either way); ``total``
+    for iterators without a length."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                mininterval=2.0, disable=not (enabled and sys.stderr.isatty()))
 
 
 def log_to_stdout(level: int = logging.INFO) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_write
+from ..errors import DataError
 
 
 def _voc_palette() -> np.ndarray:
@@ -41,14 +42,26 @@ def _open(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image file {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 (any parser failure on untrusted bytes)
+        raise DataError(f"cannot read image file {path}: {type(err).__name__}: {err}") from None
     return image
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read a JPEG/PNG as uint8 RGB [H,W,3]; grayscale, palette and RGBA images are converted."""
-    return np.asarray(_open(path).convert("RGB"), dtype=np.uint8).copy()
+    """Read a JPEG/PNG as uint8 RGB [H,W,3]; grayscale, palette and RGBA images are converted,
+    16-bit grayscale is scaled to 8 bits (value / 257), never clipped."""
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"{path}: {image.mode} image with values {values.min()}.."
+                             f"{values.max()}; expected 8- or 16-bit unsigned values")
+        grey = np.round(values / 257).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise DataError(f"{path}: floating-point images are not supported; save it as 8- or "
+                         "16-bit PNG, or as GeoTIFF (data.name=geotiff)")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -63,10 +76,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     if image.mode in ("I", "I;16"):
         values = np.asarray(image)
         if values.min() < 0 or values.max() > 255:
-            raise ValueError(f"mask {path} has values outside 0..255 (max {values.max()})")
+            raise DataError(f"mask {path} has values outside 0..255 (max {values.max()})")
         return values.astype(np.uint8)
     if image.mode not in ("RGB", "RGBA"):
-        raise ValueError(f"mask {path} has unsupported image mode {image.mode!r}")
+        raise DataError(f"mask {path} has unsupported image mode {image.mode!r}")
     rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
     codes = (rgb << [16, 8, 0]).sum(axis=-1)
     pos = np.searchsorted(_PALETTE_CODES, codes, sorter=_PALETTE_ORDER).clip(max=255)
@@ -74,7 +87,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     bad = _PALETTE_CODES[indices] != codes
     if bad.any():
         color = tuple(int(c) for c in rgb[bad][0])
-        raise ValueError(f"mask {path} has color {color} that is not a VOC palette color")
+        raise DataError(f"mask {path} has color {color} that is not a VOC palette color")
     return indices.astype(np.uint8)
 
 
@@ -87,10 +100,10 @@ def write_mask(path: str | Path, mask: np.ndarray) -> None:
     """Write a 2-D integer mask with values 0..255 as a palette PNG using VOC_PALETTE."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"mask for {path} must be a 2-D integer array, got {mask.dtype} "
+        raise DataError(f"mask for {path} must be a 2-D integer array, got {mask.dtype} "
                          f"with shape {mask.shape}")
     if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise ValueError(f"mask for {path} must have values in 0..255, got "
+        raise DataError(f"mask for {path} must have values in 0..255, got "
                          f"{mask.min()}..{mask.max()}")
     image = Image.fromarray(mask.astype(np.uint8))
     image.putpalette(VOC_PALETTE.tobytes())
@@ -103,9 +116,9 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
                ".jpeg": {"format": "JPEG", "quality": 95}}
     options = formats.get(Path(path).suffix.lower())
     if options is None:
-        raise ValueError(f"cannot write {path}: suffix must be one of {sorted(formats)}")
+        raise DataError(f"cannot write {path}: suffix must be one of {sorted(formats)}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image for {path} must be uint8 [H,W,3], got {image.dtype} "
+        raise DataError(f"image for {path} must be uint8 [H,W,3], got {image.dtype} "
                          f"with shape {image.shape}")
     _save_atomic(path, Image.fromarray(image), **options)

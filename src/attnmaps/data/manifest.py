@@ -39,6 +39,7 @@ from .base import ImageDataset, check_mask, multi_hot, read_names
 from .image_io import read_mask
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
+COLUMNS = ("image", "labels", "mask")
 
 
 @dataclass
@@ -67,6 +68,7 @@ def _read_csv(path: Path) -> list[Entry]:
         if not {"image", "labels"} <= set(columns):
             raise ValueError(f"{path} must have a header with columns 'image', 'labels' and "
                              f"optionally 'mask', got {columns}")
+        _check_columns(columns, path)
         entries = []
         for row in reader:
             where = f"{path}:{reader.line_num}"
@@ -89,10 +91,18 @@ def _read_jsonl(path: Path) -> list[Entry]:
         if not isinstance(row, dict) or "image" not in row or "labels" not in row:
             raise ValueError(f"{where} must be an object with keys 'image', 'labels' and "
                              f"optionally 'mask', got {line.strip()[:200]}")
+        _check_columns(row, where)
         mask = row.get("mask")
         entries.append(Entry(str(row["image"]).strip(), _split_labels(row["labels"], where),
                              str(mask).strip() if mask else None, where))
     return entries
+
+
+def _check_columns(columns: Any, where: object) -> None:
+    unknown = [name for name in columns if name not in COLUMNS]
+    if unknown:
+        raise ValueError(f"{where}: unknown column(s) {unknown}; a manifest has the columns "
+                         f"{list(COLUMNS)} ('mask' optional)")
 
 
 def read_manifest(path: Path) -> list[Entry]:
@@ -104,6 +114,11 @@ def read_manifest(path: Path) -> list[Entry]:
     return entries
 
 
+def _inside(root: Path, relative: str) -> bool:
+    """Whether ``root / relative`` (after resolving '..' and links) lies under ``root``."""
+    return (root / relative).resolve().is_relative_to(root.resolve())
+
+
 class ManifestDataset(ImageDataset):
     """The images listed by ``root/<split>.csv`` or ``root/<split>.jsonl``.
 
@@ -111,7 +126,7 @@ class ManifestDataset(ImageDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "train", has_background: bool = True,
-                 **options: Any) -> None:
+                 allow_outside_root: bool = False, **options: Any) -> None:
         super().__init__(**options)
         self.root = Path(root)
         candidates = [self.root / f"{split}{suffix}" for suffix in MANIFEST_SUFFIXES]
@@ -133,6 +148,14 @@ class ManifestDataset(ImageDataset):
             if unknown:
                 raise ValueError(f"{entry.where}: unknown class {unknown[0]!r}; expected one "
                                  f"of {names}{source}")
+        if not allow_outside_root:
+            for entry in self.entries:
+                for column, value in (("image", entry.image), ("mask", entry.mask)):
+                    if value is not None and not _inside(self.root, value):
+                        raise ValueError(
+                            f"{entry.where}: {column} path {value!r} leaves the data root "
+                            f"{self.root}; move the file under it, or set "
+                            "data.allow_outside_root=true to accept it")
         self.label_indices = [[index[name] for name in e.labels] for e in self.entries]
         self.image_paths = [self.root / e.image for e in self.entries]
         self.ids = [str(PurePosixPath(e.image).with_suffix("")) for e in self.entries]

@@ -56,6 +56,11 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ImageDataset:
             raise ValueError(f"data.has_background=false does not apply to data.name={cfg.name}, "
                              f"whose masks always have background 0; it applies to "
                              f"{OPTIONAL_BACKGROUND}")
+    if cfg.name == "manifest":
+        options["allow_outside_root"] = cfg.allow_outside_root
+    elif cfg.allow_outside_root:
+        raise ValueError(f"data.allow_outside_root applies to data.name=manifest only; unset it "
+                         f"for data.name={cfg.name}")
     if cfg.name == "geotiff":
         options.update(label_map=cfg.label_map, label_min_fraction=cfg.label_min_fraction)
     else:

@@ -21,6 +21,7 @@ Ids without a mask file take their labels from ``Annotations/<id>.xml``.
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,10 @@ class VOCDataset(ImageDataset):
     def _read_class_names(self) -> list[str]:
         path = self.root / "classes.txt"
         if not path.is_file():
+            if not any("voc" in part.lower() for part in self.root.resolve().parts):
+                warnings.warn(f"{path} not found: using the 21 PASCAL VOC class names; write "
+                              "classes.txt (background first, one name a line) for other data",
+                              stacklevel=3)
             return list(VOC_CLASSES)
         names = read_names(path)
         if len(names) < 2:

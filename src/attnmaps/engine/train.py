@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from ..checkpoint import (
 from ..config import Config, TrainConfig, config_to_dict, save_config
 from ..data.mask_budget import MaskBudget
 from ..data.registry import build_dataset
+from ..errors import TrainingDiverged
 from ..metrics.report import to_jsonable
 from ..models.factory import checkpoint_metadata, create_model
 from ..models.vit import ClassTokenViT
@@ -66,8 +68,16 @@ from .distributed import (
     sync_buffers,
 )
 from .evaluate import eval_options, evaluate
+from .interrupt import Interrupted, StopRequest
 from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
+from .resume import (
+    SkipSampler,
+    check_masks,
+    check_resume_config,
+    keep_previous_config,
+    truncate_log,
+)
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -183,13 +193,18 @@ class Run:
     steps_per_epoch: int
     start_epoch: int
     step: int
+    stop: StopRequest
+    skip_batches: int = 0  # batches of start_epoch done before a mid-epoch resume
+    resumed_rng: dict | None = None  # restored once the resumed epoch's iterator exists
+    last_saved: str = "none (no checkpoint was written)"
 
     @property
     def log_path(self) -> Path:
         return self.run_dir / "log.jsonl"
 
 
-def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None,
+          allow_changes: bool = False) -> dict:
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (on every
@@ -197,23 +212,31 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     CRF and test-time augmentation, which are slow and only change the masks. Under torchrun
     the process group is created from the environment and destroyed on return or on an
     exception; a process group that the caller already initialised is used and left open.
+
+    Ctrl-C or SIGTERM stops at the next step boundary after saving a checkpoint there
+    (:class:`~attnmaps.engine.interrupt.Interrupted`); ``train.checkpoint_every`` steps also
+    save inside an epoch, so ``resume`` repeats no step. ``resume`` refuses a config that differs
+    from the run's stored one (see :func:`~attnmaps.engine.resume.check_resume_config`) unless
+    ``allow_changes``.
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
-        run = setup(cfg, ctx, resume)
-        metrics: dict = {}
-        for epoch in range(run.start_epoch, cfg.train.epochs):
-            images_per_second = train_one_epoch(run, epoch)
-            metrics = end_of_epoch(run, epoch, images_per_second)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-        return metrics
+        with StopRequest() as stop:
+            run = setup(cfg, ctx, resume, stop, allow_changes)
+            metrics: dict = {}
+            for epoch in range(run.start_epoch, cfg.train.epochs):
+                images_per_second = train_one_epoch(run, epoch)
+                metrics = end_of_epoch(run, epoch, images_per_second)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+            return metrics
     finally:
         if ctx.owns_group:
             cleanup()
 
 
-def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
+def setup(cfg: Config, ctx: DistContext, resume: bool, stop: StopRequest,
+          allow_changes: bool = False) -> Run:
     """Data, model (from ``model.init_from`` unless resuming), optimiser, schedule and the
     resumed state of a run; writes the resolved config on rank 0."""
     run_dir = Path(cfg.out_dir)
@@ -225,9 +248,14 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
         )
     if resume and not weights_path.exists():
         raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"out_dir={str(run_dir)!r} is a file; set out_dir to a directory")
+    if resume:
+        check_resume_config(run_dir, cfg, allow_changes)
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    check_masks(val_set, cfg.data.val_split)
     if cfg.train.mask_fraction > 0:
         # A seed apart from the epoch orders' (seed * 100003 + epoch), or the images with masks
         # would be exactly the first batches of epoch 0.
@@ -244,13 +272,22 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     scheduler = warmup_cosine(optimizer, total_steps,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
-    start_epoch, step = 0, 0
+    start_epoch, step, skip_batches, resumed_rng = 0, 0, 0, None
     if resume:
         state = load_checkpoint(run_dir, model, map_location=ctx.device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
+        step = state["step"]
+        skip_batches = state.get("batches_done", steps_per_epoch)
+        if skip_batches >= steps_per_epoch:  # the saved epoch was complete
+            start_epoch, skip_batches = state["epoch"] + 1, 0
+            restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
+        else:
+            start_epoch, resumed_rng = state["epoch"], state
+        if ctx.is_main:
+            truncate_log(run_dir / "log.jsonl", step)
+            if allow_changes:
+                keep_previous_config(run_dir)
     elif ctx.rank:
         seed_everything(rank_seed(cfg.train.seed, ctx.rank))
     sampler = training_sampler(train_set, cfg.train.seed, ctx)
@@ -262,24 +299,37 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     return Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
                optimizer, scheduler, loader, sampler, val_set,
                getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
-               step)
+               step, stop, skip_batches, resumed_rng)
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
-    """The optimisation steps of ``epoch``; returns the training throughput in images/s."""
+    """The optimisation steps of ``epoch`` (after the batches a mid-epoch resume already did);
+    returns the training throughput in images/s. Saves every ``train.checkpoint_every`` steps,
+    and on a stop signal saves and raises :class:`~attnmaps.engine.interrupt.Interrupted`."""
     cfg = run.cfg
     run.train_step.train()
     run.sampler.set_epoch(epoch)
-    bar = progress(run.loader, f"epoch {epoch + 1}/{cfg.train.epochs}", run.ctx.is_main)
+    skip, run.skip_batches = run.skip_batches, 0
+    loader = run.loader if not skip else DataLoader(
+        run.loader.dataset, batch_size=run.batch_size, drop_last=True,
+        sampler=SkipSampler(run.sampler, skip * run.batch_size),
+        num_workers=run.loader.num_workers)
+    batches = iter(loader)  # draws the loader's base seed from the global RNG
+    if run.resumed_rng is not None:  # after that draw, as in the run that saved the state
+        restore_rank_rng(run.resumed_rng, run.ctx, cfg.train.seed, epoch)
+        run.resumed_rng = None
+    bar = progress(batches, f"epoch {epoch + 1}/{cfg.train.epochs}", run.ctx.is_main,
+                   total=run.steps_per_epoch - skip)
     started = time.time()
-    for batch in bar:
+    for done, batch in enumerate(bar, start=skip + 1):
         parts = run.train_step(batch)
-        means = all_reduce_mean(torch.stack([value.detach() for value in parts.values()]))
-        values = dict(zip(parts, means.tolist()))
+        stop_flag = parts["loss"].new_tensor(float(run.stop.signal > 0))
+        means = all_reduce_mean(torch.stack([*(v.detach() for v in parts.values()), stop_flag]))
+        values = dict(zip(parts, means[:-1].tolist()))
         if not math.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"loss became {values['loss']} at step {run.step}; lower train.lr or set "
-                "train.grad_clip"
+            raise TrainingDiverged(
+                f"loss became {values['loss']} at step {run.step + 1}; the last good checkpoint "
+                f"is kept ({run.last_saved}); lower train.lr or set train.grad_clip"
             )
         run.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -292,7 +342,39 @@ def train_one_epoch(run: Run, epoch: int) -> float:
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if run.ctx.is_main and run.step % cfg.train.log_every == 0:
             append_log(run.log_path, {"epoch": epoch, "step": run.step, **values, "lr": lr})
-    return run.steps_per_epoch * run.batch_size * run.ctx.world_size / (time.time() - started)
+        stopping = means[-1].item() > 0
+        every = cfg.train.checkpoint_every
+        if stopping or (every and run.step % every == 0 and done < run.steps_per_epoch):
+            save_state(run, epoch, done)
+        if stopping:
+            raise Interrupted(run.stop.signal or signal.SIGTERM,
+                              f"stopped at step {run.step} (epoch {epoch + 1}, batch {done}) "
+                              f"after saving {run.last_saved}; continue with the same command "
+                              "and --resume")
+    return ((run.steps_per_epoch - skip) * run.batch_size * run.ctx.world_size
+            / max(time.time() - started, 1e-9))
+
+
+def save_state(run: Run, epoch: int, batches_done: int) -> None:
+    """Checkpoint the run after ``batches_done`` batches of ``epoch`` (rank 0 writes; every
+    process takes part). Non-finite weights are never saved over the last good state."""
+    bad = [name for name, value in run.model.state_dict().items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"weights became NaN/inf by step {run.step} ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); not saved, the last good checkpoint is kept "
+            f"({run.last_saved}); lower train.lr or set train.grad_clip")
+    rng_by_rank = gather_objects(capture_rng_state())
+    if run.ctx.is_main:
+        extra = {"rng_by_rank": rng_by_rank} if run.ctx.world_size > 1 else {}
+        save_checkpoint(run.run_dir, run.model, {
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": rng_by_rank[0], "epoch": epoch, "batches_done": batches_done,
+            "step": run.step, "config": config_to_dict(run.cfg), **extra,
+        }, metadata=checkpoint_metadata(run.cfg.model, run.model.num_classes, run.class_names))
+    where = "" if batches_done == run.steps_per_epoch else f", batch {batches_done}"
+    run.last_saved = f"epoch {epoch + 1}{where}, step {run.step}, in {run.run_dir}"
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
@@ -306,17 +388,11 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     metrics = evaluate(run.model, run.val_set, settings,
                        **{**eval_options(cfg), "batch_size": run.batch_size})
     metrics["images_per_second"] = images_per_second
-    rng_by_rank = gather_objects(capture_rng_state())
+    save_state(run, epoch, run.steps_per_epoch)
     if ctx.is_main:
         summary = {key: value for key, value in metrics.items()
                    if key not in ("confusion", "true_labels")}
         append_log(run.log_path, {"epoch": epoch, "step": run.step, "eval": summary})
-        extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
-        save_checkpoint(run.run_dir, run.model, {
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng_by_rank[0], "epoch": epoch, "step": run.step,
-            "config": config_to_dict(cfg), **extra,
-        }, metadata=checkpoint_metadata(cfg.model, run.model.num_classes, run.class_names))
         logger.info("epoch %d/%d: mAP %.3f  pseudo-mask mIoU %.3f  heads closed %.0f%%  "
                     "(%.0f images/s)", epoch + 1, cfg.train.epochs, metrics["map"],
                     metrics["miou"], metrics["head_sparsity"], images_per_second)

@@ -2,7 +2,7 @@
 
 Every function takes non-negative relevance maps (float [B,H,W], any scale) and object masks
 (bool [B,H,W]) and returns a float64 tensor [B] on the maps' device, NaN where the score is
-undefined (always for an empty mask). Ties in relevance are resolved in expectation (as by a
+undefined: always for an empty mask, and for a map holding NaN or inf. Ties in relevance are resolved in expectation (as by a
 uniformly random tie-break), so results do not depend on pixel order.
 
 >>> maps = torch.tensor([[[0.0, 1.0], [3.0, 0.0]]])
@@ -36,8 +36,11 @@ def _check(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     return maps.double(), masks.to(maps.device)
 
 
-def _nan_where_empty(scores: Tensor, masks: Tensor) -> Tensor:
-    return scores.masked_fill(~masks.flatten(1).any(dim=1), math.nan)
+def _nan_where_undefined(scores: Tensor, maps: Tensor, masks: Tensor) -> Tensor:
+    """``scores`` with NaN for images whose mask is empty or whose map holds NaN / inf (a
+    relevance order that cannot be trusted)."""
+    undefined = ~masks.flatten(1).any(dim=1) | ~maps.flatten(1).isfinite().all(dim=1)
+    return scores.masked_fill(undefined, math.nan)
 
 
 def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
@@ -50,7 +53,7 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     scores = torch.where(
         total > 0, inside / total.clamp(min=torch.finfo(total.dtype).tiny), math.nan
     )
-    return _nan_where_empty(scores, masks)
+    return _nan_where_undefined(scores, maps, masks)
 
 
 def dilate(masks: Tensor, radius: int) -> Tensor:
@@ -76,7 +79,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 15) -> Tensor:
     flat = maps.flatten(1)
     is_max = flat == flat.max(dim=1, keepdim=True).values
     scores = (is_max & hit_zone).sum(dim=1).double() / is_max.sum(dim=1).clamp(min=1)
-    return _nan_where_empty(scores, masks)
+    return _nan_where_undefined(scores, maps, masks)
 
 
 def thresholded_iou(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
@@ -85,7 +88,7 @@ def thresholded_iou(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tens
     predicted = min_max_normalize(maps) >= threshold
     intersection = (predicted & masks).sum(dim=(1, 2)).double()
     union = (predicted | masks).sum(dim=(1, 2)).double()
-    return _nan_where_empty(intersection / union.clamp(min=1), masks)
+    return _nan_where_undefined(intersection / union.clamp(min=1), maps, masks)
 
 
 def roc_auc(maps: Tensor, masks: Tensor) -> Tensor:
@@ -102,7 +105,8 @@ def roc_auc(maps: Tensor, masks: Tensor) -> Tensor:
     num_neg = positive.shape[1] - num_pos
     u_stat = (ranks * positive).sum(dim=1) - num_pos * (num_pos + 1) / 2
     pairs = num_pos * num_neg
-    return torch.where(pairs > 0, u_stat / pairs.clamp(min=1), math.nan)
+    return _nan_where_undefined(torch.where(pairs > 0, u_stat / pairs.clamp(min=1), math.nan),
+                                maps, masks)
 
 
 def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
@@ -126,7 +130,7 @@ def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
     hits = (above & positive).sum(dim=1, keepdim=True) + tied_share * (tied & positive).sum(
         dim=1, keepdim=True
     )
-    return _nan_where_empty((hits / size.clamp(min=1))[:, 0], masks)
+    return _nan_where_undefined((hits / size.clamp(min=1))[:, 0], maps, masks)
 
 
 class AlignmentMetric:

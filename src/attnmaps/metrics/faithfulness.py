@@ -167,7 +167,7 @@ def impute_linear(image: Tensor, removed_mask: Tensor) -> Tensor:
     removed = removed_mask.cpu().numpy()
     if removed.all():
         raise ValueError("impute_linear needs at least one kept pixel, but every pixel is removed")
-    values = image.detach().cpu().double().numpy()
+    values = image.detach().cpu().double().numpy().copy()  # never write into the input
     channels, height, width = values.shape
     rows, cols = np.nonzero(removed)
     num_unknown = len(rows)

@@ -68,9 +68,11 @@ def _name_some(items: Sequence[str]) -> str:
 
 
 def evaluate_directories(
-    pred_dir: str | Path, gt_dir: str | Path, class_names: list[str] | None = None
+    pred_dir: str | Path, gt_dir: str | Path, class_names: list[str] | None = None,
+    ids: list[str] | None = None,
 ) -> dict:
-    """Compare every `<id>.png` mask in `gt_dir` with `<id>.png` in `pred_dir`.
+    """Compare every `<id>.png` mask in `gt_dir` (or those of `ids` only) with `<id>.png` in
+    `pred_dir`.
 
     The number of labels is `len(class_names)`, else the largest label seen in the ground truth or
     (non-ignored) predictions, plus one; 255 is ignore. Returns a JSON-serialisable dict: miou,
@@ -81,7 +83,16 @@ def evaluate_directories(
     for directory in (pred_dir, gt_dir):
         if not directory.is_dir():
             raise FileNotFoundError(f"mask directory not found: {directory}")
-    gt_paths = sorted(gt_dir.glob("*.png"))
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names must be distinct, got {class_names}")
+    if ids is None:
+        gt_paths = sorted(gt_dir.glob("*.png"))
+    else:
+        gt_paths = [gt_dir / f"{image_id}.png" for image_id in ids]
+        absent = [path.stem for path in gt_paths if not path.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} listed ids have no ground-truth mask in "
+                                    f"{gt_dir}: {_name_some(absent)}")
     if not gt_paths:
         raise FileNotFoundError(f"no *.png ground-truth masks in {gt_dir}")
     missing = [path.stem for path in gt_paths if not (pred_dir / path.name).is_file()]

@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +197,22 @@ def make_pseudo_masks(
     return fill_unassigned(merged, num_labels=maps.shape[1])
 
 
+def mask_path(out_dir: Path, image_id: str) -> Path:
+    """``out_dir/<image_id>.png``; an id may name subfolders (``2008/000123``) but never leave
+    ``out_dir`` (absolute ids, ``..`` parts and empty ids are refused), so no mask can overwrite
+    a file outside it.
+
+    >>> mask_path(Path("out"), "2008/000123").as_posix()
+    'out/2008/000123.png'
+    """
+    parts = PurePosixPath(image_id.replace("\\", "/")).parts
+    if not image_id or image_id.startswith(("/", "\\")) or ":" in image_id or any(
+            part in ("..", ".") for part in parts):
+        raise ValueError(f"sample id {image_id!r} cannot name a file inside the output folder "
+                         f"{out_dir}; ids must be relative paths without '..'")
+    return out_dir.joinpath(*parts).with_name(f"{parts[-1]}.png")
+
+
 def save_pseudo_masks(out_dir: str | Path, ids: list[str], masks: Tensor) -> list[Path]:
     """Write each mask of ``masks`` [B,H,W] to ``out_dir/<id>.png`` (indexed PNG, VOC palette).
 
@@ -213,9 +229,9 @@ def save_pseudo_masks(out_dir: str | Path, ids: list[str], masks: Tensor) -> lis
             f"[{int(masks.min())}, {int(masks.max())}]"
         )
     out_dir = Path(out_dir)
+    paths = [mask_path(out_dir, image_id) for image_id in ids]
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = masks.to(device="cpu", dtype=torch.uint8).numpy()
-    paths = [out_dir / f"{image_id}.png" for image_id in ids]
     for path, array in zip(paths, arrays):
         write_mask(path, array)
     return paths
