@@ -66,7 +66,7 @@ def _write(path: Path, text: str) -> Path:
 def _manifest(env: Env, rows: str, name: str = "train.csv") -> list[str]:
     """A manifest dataset in env.data (images of the VOC copy) and its train command."""
     _write(env.data / name, rows)
-    _write(env.data / "val.csv", "image,labels\nJPEGImages/val_0000.png,circle\n")
+    _write(env.data / "val.csv", "image,labels\nJPEGImages/synth_000008.png,circle\n")
     return env.train("data.name=manifest")
 
 
@@ -84,12 +84,16 @@ def _mask_value(path: Path, value: int) -> None:
     Image.fromarray(mask).save(path)
 
 
-def _first(folder: Path, pattern: str) -> Path:
-    return min(folder.glob(pattern))
+def _ids(env: Env, split: str) -> list[str]:
+    return (env.data / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
 
 
-def _last(folder: Path, pattern: str) -> Path:
-    return max(folder.glob(pattern))
+def _image(env: Env, split: str, position: int = 0) -> Path:
+    return env.data / "JPEGImages" / f"{_ids(env, split)[position]}.png"
+
+
+def _mask(env: Env, split: str, position: int = 0) -> Path:
+    return env.data / "SegmentationClass" / f"{_ids(env, split)[position]}.png"
 
 
 # name -> (prepare(env) -> argv, text the error line must contain)
@@ -143,28 +147,25 @@ CASES: dict[str, Case] = {
                                     e.train())[1], "val.txt"),
     "duplicate class names": (lambda e: (_write(e.data / "classes.txt", "bg\na\na\n"),
                                          e.train())[1], "classes.txt"),
-    "corrupt image": (lambda e: (_corrupt(_first(e.data / "JPEGImages", "train_*")),
-                                 e.train())[1],
-                      lambda e: _first(e.data / "JPEGImages", "train_*").name),
-    "mask of another size": (lambda e: (_resized_mask(_first(e.data / "SegmentationClass",
-                                                             "val_*")), e.train())[1],
-                             lambda e: _first(e.data / "SegmentationClass", "val_*").name),
+    "corrupt image": (lambda e: (_corrupt(_image(e, "train")), e.train())[1],
+                      lambda e: _image(e, "train").name),
+    "mask of another size": (lambda e: (_resized_mask(_mask(e, "val")), e.train())[1],
+                             lambda e: _mask(e, "val").name),
     "mask value out of range (last val image)": (
-        lambda e: (_mask_value(_last(e.data / "SegmentationClass", "val_*"), 9), e.train())[1],
-        lambda e: _last(e.data / "SegmentationClass", "val_*").stem),
-    "corrupt mask": (lambda e: (_corrupt(_first(e.data / "SegmentationClass", "val_*")),
-                                e.train())[1],
-                     lambda e: _first(e.data / "SegmentationClass", "val_*").name),
+        lambda e: (_mask_value(_mask(e, "val", -1), 9), e.train())[1],
+        lambda e: _mask(e, "val", -1).stem),
+    "corrupt mask": (lambda e: (_corrupt(_mask(e, "val")), e.train())[1],
+                     lambda e: _mask(e, "val").name),
     # ---- manifests
     "manifest path leaves root": (
         lambda e: _manifest(e, "image,labels\n../outside/x.png,circle\n"), "leaves the data root"),
     "manifest absolute path": (
         lambda e: _manifest(e, "image,labels\n/etc/passwd,circle\n"), "leaves the data root"),
     "manifest misspelled column": (
-        lambda e: _manifest(e, "image,labels,masks\nJPEGImages/train_0000.png,circle,x.png\n"),
+        lambda e: _manifest(e, "image,labels,masks\nJPEGImages/synth_000000.png,circle,x.png\n"),
         "unknown column"),
     "manifest unknown class": (
-        lambda e: _manifest(e, "image,labels\nJPEGImages/train_0000.png,dragon\n"), "dragon"),
+        lambda e: _manifest(e, "image,labels\nJPEGImages/synth_000000.png,dragon\n"), "dragon"),
     "manifest without rows": (lambda e: _manifest(e, "image,labels\n"), "train.csv"),
     "manifest without header columns": (lambda e: _manifest(e, "path,classes\nx,y\n"),
                                         "train.csv"),
@@ -213,7 +214,7 @@ CASES: dict[str, Case] = {
     "evaluate unknown id": (
         lambda e: ["evaluate", "--pred", str(e.data / "SegmentationClass"), "--gt",
                    str(e.data / "SegmentationClass"), "--ids",
-                   str(_write(e.out / "ids.txt", "val_0000\nghost\n"))], "ghost"),
+                   str(_write(e.out / "ids.txt", "synth_000008\nghost\n"))], "ghost"),
     "evaluate without prediction": (
         lambda e: ["evaluate", "--pred", str(_write(e.out / "p" / "x.txt", "").parent), "--gt",
                    str(e.data / "SegmentationClass")], "no prediction"),
@@ -261,15 +262,18 @@ def test_table_covers_at_least_sixty_cases() -> None:
 def test_pseudo_masks_never_write_outside_the_output_folder(env: Env,
                                                             capsys: pytest.CaptureFixture) -> None:
     """A manifest id that leaves the data root (accepted with allow_outside_root) must not turn
-    into a mask path over the source image."""
+    into a mask path over the source image: refused before any work."""
     outside = env.out.parent / "outside"
     outside.mkdir()
-    source = shutil.copy(_first(env.data / "JPEGImages", "val_*"), outside / "img.png")
+    source = shutil.copy(_image(env, "val"), outside / "img.png")
     before = Path(source).read_bytes()
-    _write(env.data / "val.csv", "image,labels\n../outside/img.png,circle\n")
+    root = env.out.parent / "manifest"
+    _write(root / "classes.txt", "circle\nsquare\ntriangle\ncross\n")
+    _write(root / "val.csv", "image,labels\n../outside/img.png,circle\n")
     code = main(["pseudo-masks", "--run", str(env.run), "--out", str(env.out / "m"),
-                 "data.name=manifest", "data.allow_outside_root=true", "model.init_from=null"])
-    assert code == 2 and "cannot name a file inside the output folder" in capsys.readouterr().err
+                 "data.name=manifest", f"data.root={root}", "data.allow_outside_root=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot name a file inside the output folder" in err, err
     assert Path(source).read_bytes() == before
 
 

@@ -15,10 +15,11 @@ from .checkpoint import checkpoint_paths, load_weights, read_metadata
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
 from .engine.evaluate import eval_options, evaluate
+from .errors import DataError
 from .metrics.report import save_metrics
 from .models.factory import create_model
 from .models.vit import ClassTokenViT
-from .pseudo.masks import save_pseudo_masks
+from .pseudo.masks import mask_path, save_pseudo_masks
 from .runtime import resolve_device
 
 SWEEP_FILE = "sweep.json"
@@ -63,6 +64,9 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
     """
     cfg, model = load_run(run_dir, overrides)
     dataset = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
+    check_classes(model, dataset, cfg)
+    for image_id in getattr(dataset, "ids", ()):  # every path checked before any work
+        mask_path(Path(out_dir), image_id)
 
     def save(batch: dict, probs: torch.Tensor, maps: torch.Tensor, pred: torch.Tensor) -> None:
         save_pseudo_masks(out_dir, list(batch["id"]), pred.cpu())
@@ -97,6 +101,7 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     cfg, model = load_run(run_dir, overrides)
     split = split or cfg.data.val_split
     dataset = build_dataset(cfg.data, split, train=False)
+    check_classes(model, dataset, cfg)
     if not _has_masks(dataset):
         raise ValueError(f"split {split!r} of {cfg.data.root} has no ground-truth masks to "
                          "score thresholds on; pick a split with masks")
@@ -109,6 +114,14 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
               "best_miou": by_threshold[best] if best is not None else math.nan}
     save_metrics(run_dir / SWEEP_FILE, result)
     return result
+
+
+def check_classes(model: ClassTokenViT, dataset: Dataset, cfg: Config) -> None:
+    """Raise when ``dataset`` has another number of classes than the run's model."""
+    if dataset.num_classes != model.num_classes:
+        raise DataError(f"the run's model has {model.num_classes} classes but data.root="
+                        f"{cfg.data.root} (data.name={cfg.data.name}) has {dataset.num_classes}: "
+                        f"{getattr(dataset, 'class_names', '')}; score a run on its own classes")
 
 
 def _has_masks(dataset: Dataset) -> bool:

@@ -48,6 +48,15 @@ def build_optimizer(
     )
 
 
+def set_base_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make ``lr`` the peak learning rate of ``scheduler`` from its current step on (e.g. after
+    loading a state saved with another one): base rates and the groups' current rates."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -70,7 +70,7 @@ from .distributed import (
 from .evaluate import eval_options, evaluate
 from .interrupt import Interrupted, StopRequest
 from .objective import WSSSObjective
-from .optim import build_optimizer, warmup_cosine
+from .optim import build_optimizer, set_base_lr, warmup_cosine
 from .resume import (
     SkipSampler,
     check_masks,
@@ -277,6 +277,7 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, stop: StopRequest,
         state = load_checkpoint(run_dir, model, map_location=ctx.device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        set_base_lr(scheduler, cfg.train.lr)  # a train.lr changed with --allow-changes applies
         step = state["step"]
         skip_batches = state.get("batches_done", steps_per_epoch)
         if skip_batches >= steps_per_epoch:  # the saved epoch was complete
@@ -296,10 +297,14 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, stop: StopRequest,
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    return Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
-               optimizer, scheduler, loader, sampler, val_set,
-               getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
-               step, stop, skip_batches, resumed_rng)
+    run = Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
+              optimizer, scheduler, loader, sampler, val_set,
+              getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
+              step, stop, skip_batches, resumed_rng)
+    if resume:
+        run.last_saved = checkpoint_label(run, state["epoch"], state.get("batches_done",
+                                                                           steps_per_epoch))
+    return run
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -373,8 +378,13 @@ def save_state(run: Run, epoch: int, batches_done: int) -> None:
             "rng": rng_by_rank[0], "epoch": epoch, "batches_done": batches_done,
             "step": run.step, "config": config_to_dict(run.cfg), **extra,
         }, metadata=checkpoint_metadata(run.cfg.model, run.model.num_classes, run.class_names))
-    where = "" if batches_done == run.steps_per_epoch else f", batch {batches_done}"
-    run.last_saved = f"epoch {epoch + 1}{where}, step {run.step}, in {run.run_dir}"
+    run.last_saved = checkpoint_label(run, epoch, batches_done)
+
+
+def checkpoint_label(run: Run, epoch: int, batches_done: int) -> str:
+    """How messages name the checkpoint taken after ``batches_done`` batches of ``epoch``."""
+    where = "" if batches_done >= run.steps_per_epoch else f", batch {batches_done}"
+    return f"epoch {epoch + 1}{where}, step {run.step}, in {run.run_dir}"
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
