@@ -295,3 +295,18 @@ def test_log_of_a_diverged_run_names_the_last_good_epoch(env: Env,
     assert (env.run / "last.safetensors").read_bytes() == good
     log = [json.loads(line) for line in (env.run / "log.jsonl").read_text().splitlines()]
     assert log
+
+
+def test_an_error_in_a_loader_worker_is_one_line(env: Env, capsys: pytest.CaptureFixture) -> None:
+    _corrupt(_image(env, "train"))
+    assert main(env.train("data.num_workers=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert _image(env, "train").name in err
+
+
+def test_resume_accepts_a_config_written_before_new_keys(env: Env) -> None:
+    """Keys added to the config since a run was written count at their defaults."""
+    config = env.run / "config.yaml"
+    config.write_text(config.read_text().replace("  checkpoint_every: 200\n", ""))
+    assert main([*env.train("train.epochs=2", out_dir=env.run), "--resume"]) == 0

@@ -219,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = str(error)
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the error itself
+        text = text.strip().splitlines()[-1]
+    text = " ".join(text.split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return text

@@ -37,8 +37,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: Mapping[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
     """``{key: (stored, new)}`` for every key outside :data:`RESUMABLE_KEYS` whose value differs
-    between a run's stored config (as read from its ``config.yaml``) and ``cfg``."""
-    old, new = _flatten(stored), _flatten(config_to_dict(cfg))
+    between a run's stored config (as read from its ``config.yaml``) and ``cfg``; a key the
+    stored config lacks (written by an older version) counts at its default."""
+    old = {**_flatten(config_to_dict(Config())), **_flatten(stored)}
+    new = _flatten(config_to_dict(cfg))
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
             if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)}
 
