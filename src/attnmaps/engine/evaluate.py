@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -31,7 +30,7 @@ from ..metrics.segmentation import SegmentationMetric
 from ..metrics.sync import all_reduce_sum
 from ..models.vit import ClassTokenViT
 from ..process_group import is_distributed
-from ..pseudo.crf import crf_pseudo_masks, images_to_uint8_range
+from ..pseudo.crf import crf_params, crf_pseudo_masks, images_to_uint8_range
 from ..pseudo.masks import make_pseudo_masks, select_classes, upsample_maps
 from ..pseudo.pamr import pamr
 from ..pseudo.tta import tta_predict
@@ -94,6 +93,7 @@ class PseudoMaskEvaluator:
                              "per-channel mean/std to undo its normalization; set "
                              "pseudo.crf=false")
         self.settings = settings
+        self.crf = crf_params(settings) if settings.crf else None
         self.has_background = has_background
         num_labels = num_classes + int(has_background)
         self.class_names = (list(class_names) if class_names is not None
@@ -133,7 +133,7 @@ class PseudoMaskEvaluator:
         return made
 
     def _pseudo_masks(self, full: Tensor, probs: Tensor, threshold: float,
-                      labels: Tensor | None, colors: np.ndarray | None) -> Tensor:
+                      labels: Tensor | None, colors: Tensor | None) -> Tensor:
         """Pseudo masks from image-size maps at ``threshold``, CRF-refined on ``colors`` when
         given."""
         prob_threshold = self.settings.prob_threshold
@@ -144,7 +144,7 @@ class PseudoMaskEvaluator:
             return masks
         selected = select_classes(probs, labels, prob_threshold)
         return crf_pseudo_masks(colors, min_max_normalize(full), selected, masks, threshold,
-                                self.has_background)
+                                self.has_background, self.crf, self.settings.crf_backend)
 
     def compute(self) -> dict:
         result = self.classifier.compute()
