@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import PseudoMaskConfig
-from .crf_torch import PROB_FLOOR, CRFParams, dense_crf
+from .crf_torch import DEFAULT_PARAMS, PROB_FLOOR, CRFParams, dense_crf
 
 INSTALL_HINT = 'pip install "attnmaps[crf]"  (the pydensecrf2 package)'
 BACKENDS = ("torch", "pydensecrf")
@@ -43,7 +43,7 @@ def crf_params(settings: PseudoMaskConfig) -> CRFParams:
                      bilateral_compat=settings.crf_bilateral_compat)
 
 
-def crf_refine(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()
+def crf_refine(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEFAULT_PARAMS
                ) -> np.ndarray:
     """Labels [H,W] (int64) of ``pydensecrf``'s dense CRF with unary ``-log probs`` on ``image``.
 
@@ -95,7 +95,7 @@ def pseudo_mask_probs(maps: Tensor, selected: Tensor, masks: Tensor, threshold: 
 
 
 def crf_pseudo_masks(colors: Tensor, maps: Tensor, selected: Tensor, masks: Tensor,
-                     threshold: float, has_background: bool, params: CRFParams = CRFParams(),
+                     threshold: float, has_background: bool, params: CRFParams = DEFAULT_PARAMS,
                      backend: str = "torch") -> Tensor:
     """Refine pseudo masks [B,H,W] with the dense CRF on ``colors`` [B,H,W,C] (0..255).
 

@@ -62,7 +62,10 @@ class CRFParams:
                                  f"{getattr(self, name)}")
 
 
-def dense_crf(colors: Tensor, probs: Tensor, params: CRFParams = CRFParams(),
+DEFAULT_PARAMS = CRFParams()
+
+
+def dense_crf(colors: Tensor, probs: Tensor, params: CRFParams = DEFAULT_PARAMS,
               allowed: Tensor | None = None) -> Tensor:
     """Mean-field marginals Q [B,L,H,W] of the dense CRF with unary ``-log probs``.
 
