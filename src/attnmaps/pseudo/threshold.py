@@ -10,10 +10,10 @@ masks' rule) are the high group.
 
 Example:
     >>> histogram = MapHistogram()
-    >>> maps = torch.tensor([[[[0.05, 0.1], [0.9, 0.95]]]])  # one map, two clear groups
+    >>> maps = torch.tensor([[[[0.0, 0.2], [0.7, 0.8], [0.9, 1.0]]]])  # low pair, high four
     >>> histogram.update(maps, torch.tensor([[True]]))
-    >>> 0.1 < histogram.threshold() <= 0.9
-    True
+    >>> histogram.threshold()  # the first split after the low pair's bins (0.0, 0.2)
+    0.21
 """
 
 from __future__ import annotations
