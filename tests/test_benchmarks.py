@@ -53,3 +53,10 @@ def test_class_attention_keeps_less_than_all_blocks_at_many_classes(tmp_path: Pa
     saved = run_benchmark("num_classes_scaling", TINY, tmp_path)["saved_for_backward_bytes"]
     assert saved["class attention:151"] < saved["all blocks:151"]
     assert saved["all blocks:20"] < saved["all blocks:151"]
+
+
+def test_crf_speed_reports_both_backends_and_their_agreement(tmp_path: Path) -> None:
+    result = run_benchmark("crf_speed", [], tmp_path)
+    assert result["seconds_per_image"]["torch"] > 0
+    if "pydensecrf" in result["seconds_per_image"]:
+        assert result["synthetic_pixels_agree"] >= 0.95

@@ -15,6 +15,8 @@ from attnmaps.conventions import min_max_normalize
 from attnmaps.engine.evaluate import evaluate
 from attnmaps.models.vit import ClassTokenViT
 from attnmaps.pseudo.crf import (
+    CRFParams,
+    crf_params,
     crf_pseudo_masks,
     crf_refine,
     images_to_uint8_range,
@@ -113,25 +115,27 @@ def test_crf_refine_equals_the_2d_crf_of_psa():
     crf.addPairwiseGaussian(sxy=3, compat=3)
     crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=image, compat=10)
     want = np.asarray(crf.inference(5)).reshape(4, HEIGHT, WIDTH).argmax(0)
-    got = crf_refine(image, probs, iterations=5)
+    got = crf_refine(image, probs, CRFParams(iterations=5))
     assert (want != probs.argmax(0)).any()
     assert np.array_equal(got, want)
 
 
-def test_crf_pseudo_masks_use_only_the_selected_labels():
-    pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+def test_crf_pseudo_masks_use_only_the_selected_labels(backend):
+    if backend == "pydensecrf":
+        pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
     image, truth, probs = two_regions()
     maps = torch.zeros(1, 3, HEIGHT, WIDTH)
     maps[0, 2] = torch.from_numpy(probs[1]).float()  # class 2 (label 3) on the right, noisy
     maps[0, 0] = 1.0  # an unselected class with a high map must not appear
     selected = torch.tensor([[False, False, True]])
     masks = torch.where(maps[:, 2] >= 0.5, 3, 0)
-    refined = crf_pseudo_masks(image[None], maps, selected, masks, 0.5, has_background=True)
+    refined = crf_pseudo_masks(torch.from_numpy(image[None]).float(), maps, selected, masks, 0.5,
+                               has_background=True, backend=backend)
     assert torch.equal(refined[0], torch.from_numpy(truth) * 3)
 
 
 def test_evaluate_applies_crf_to_the_pseudo_masks():
-    pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
     model, data = tiny_model(), NormalizedSet(samples())
     seen = []
     evaluate(model, data, PseudoMaskConfig(crf=True, threshold=0.4),
@@ -146,3 +150,14 @@ def test_evaluate_applies_crf_to_the_pseudo_masks():
                             min_max_normalize(full), select_classes(probs), plain, 0.4, True)
     assert not torch.equal(want, plain)  # the CRF changed something, so the check has teeth
     assert torch.equal(seen[0], want)
+
+
+def test_crf_parameters_come_from_the_config_and_are_checked():
+    settings = PseudoMaskConfig(crf_iterations=3, crf_bilateral_srgb=5.0)
+    assert crf_params(settings) == CRFParams(iterations=3, bilateral_srgb=5.0)
+    with pytest.raises(ValueError, match="pseudo.crf_bilateral_srgb"):
+        crf_params(PseudoMaskConfig(crf_bilateral_srgb=0.0))
+    with pytest.raises(ValueError, match="pseudo.crf_backend"):
+        crf_pseudo_masks(torch.zeros(1, 2, 2, 3), torch.zeros(1, 1, 2, 2),
+                         torch.tensor([[True]]), torch.zeros(1, 2, 2, dtype=torch.long), 0.5,
+                         True, backend="cython")

@@ -146,15 +146,33 @@ def test_cpu_variant_keeps_the_data_settings(name):
     assert cpu.model.depth < full.model.depth and cpu.model.embed_dim < full.model.embed_dim
 
 
+# Supplementary Sec. 8, for every dataset: AdamW betas, 200 epochs, depth 12, 16 heads,
+# lambda = 0.01, 50 % [CLS] masking; main paper: one [REG] token, gates, ViT-B width 768.
+PAPER_COMMON = {"model.depth": 12, "model.num_heads": 16, "model.embed_dim": 768,
+                "model.num_registers": 1, "model.gates": True, "model.mask_rate": 0.5,
+                "train.gate_lambda": 0.01, "train.betas": [0.9, 0.95], "train.epochs": 200}
+
+
+def paper_mismatches(cfg, name: str) -> list[str]:
+    """``key: ours != paper`` for every setting the paper gives that ``cfg`` does not follow."""
+    paper = {**PAPER_COMMON, "model.patch_size": PAPER[name]["patch"],
+             "model.in_chans": PAPER[name]["chans"]}
+    found = []
+    for key, value in paper.items():
+        section, field = key.split(".")
+        ours = getattr(getattr(cfg, section), field)
+        if ours != value:
+            found.append(f"{key}: {ours!r} != paper {value!r}")
+    return found
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_paper_settings(name):
     cfg = load_config(preset(name))
     model, paper = cfg.model, PAPER[name]
-    assert (model.depth, model.num_heads, model.embed_dim) == (12, 16, 768)
-    assert (model.patch_size, model.in_chans) == (paper["patch"], paper["chans"])
+    assert paper_mismatches(cfg, name) == []
     assert model.stem == "linear" and model.mlp_ratio == 4.0
-    assert cfg.train.epochs == 200 and cfg.train.warmup_epochs > 0
-    assert cfg.train.min_lr < cfg.train.lr
+    assert cfg.train.warmup_epochs > 0 and cfg.train.min_lr < cfg.train.lr  # cosine + warm-up
     if paper["size"] is not None:
         for ours, theirs in zip(model.img_size, paper["size"]):
             multiples = np.arange(1, 100) * paper["patch"]
@@ -162,6 +180,15 @@ def test_paper_settings(name):
             assert ours == theirs if theirs % paper["patch"] == 0 else ours in nearest
     if paper["chans"] == 3:
         assert tuple(cfg.data.mean) == IMAGENET_MEAN and tuple(cfg.data.std) == IMAGENET_STD
+
+
+@pytest.mark.parametrize("drift", ["model.depth=11", "train.gate_lambda=0.001",
+                                   "model.mask_rate=0.4", "train.betas=0.9,0.999",
+                                   "train.epochs=100", "model.patch_size=8", "model.num_heads=12"])
+def test_a_drifted_preset_is_caught(drift):
+    key = drift.split("=")[0]
+    mismatches = paper_mismatches(load_config(preset("voc"), [drift]), "voc")
+    assert len(mismatches) == 1 and mismatches[0].startswith(key)
 
 
 def test_ade20k_size_is_rounded_and_dfc2020_labels():

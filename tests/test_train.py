@@ -101,8 +101,9 @@ def test_demo_writes_metrics_and_picture(tmp_path: Path) -> None:
                  "train.epochs=1", "model.img_size=64,64"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("miou", "miou_true_labels", "miou_multi_class", "class_map_correlation",
-                "floor_miou", "map", "head_sparsity"):
+                "floor_miou", "map", "head_sparsity", "protocol", "stages"):
         assert key in metrics
+    assert metrics["protocol"]["checkpoint_id"] and metrics["stages"][0]["stage"] == "raw"
     assert (out / "attention_grid.png").stat().st_size > 10_000
 
 

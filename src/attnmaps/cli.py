@@ -42,11 +42,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _pseudo_masks(args: argparse.Namespace) -> None:
+    from .engine.stages import format_stages
     from .pipeline import write_pseudo_masks
+    from .protocol import format_protocol
 
     metrics = write_pseudo_masks(Path(args.run), Path(args.out), split=args.split,
                                  overrides=args.overrides)
     if metrics is not None:
+        print(format_protocol(metrics["protocol"]))
+        print(format_stages(metrics["stages"]))
         print(f"pseudo-mask mIoU {metrics['miou']:.3f} (pixel accuracy {metrics['pixel_acc']:.3f})")
     print(f"pseudo masks written to {args.out}")
 
@@ -54,10 +58,14 @@ def _pseudo_masks(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .data.base import read_names
     from .metrics.report import evaluate_directories, format_iou_table, save_metrics
+    from .protocol import directory_protocol, format_protocol
 
     names = read_names(Path(args.classes)) if args.classes else None
     ids = read_names(Path(args.ids)) if args.ids else None
     metrics = evaluate_directories(args.pred, args.gt, class_names=names, ids=ids)
+    metrics["protocol"] = directory_protocol(Path(args.pred), Path(args.gt),
+                                             metrics["num_images"])
+    print(format_protocol(metrics["protocol"]))
     print(format_iou_table(metrics))
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.json"
     save_metrics(out, metrics)
@@ -68,11 +76,19 @@ def _sweep(args: argparse.Namespace) -> None:
     from .pipeline import sweep_thresholds
 
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    from .protocol import format_protocol
+
     result = sweep_thresholds(Path(args.run), thresholds, split=args.split,
-                              overrides=args.overrides)
+                              overrides=args.overrides, label_free=args.label_free)
+    print(format_protocol(result["protocol"]))
     for threshold, miou in result["miou_by_threshold"].items():
-        marker = "  <- best" if float(threshold) == result["best_threshold"] else ""
+        best = float(threshold) == result["best_threshold"]
+        marker = "  <- best (uses pixel labels)" if best else ""
         print(f"threshold {float(threshold):.2f}: mIoU {miou:.3f}{marker}")
+    if args.label_free:
+        chosen = result["label_free"]
+        print(f"label-free threshold {chosen['threshold']:.2f}: mIoU {chosen['miou']:.3f} "
+              f"({chosen['gap_to_best']:+.3f} below the pixel-label best; {chosen['method']})")
     print(f"written to {Path(args.run) / 'sweep.json'}")
 
 
@@ -161,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7",
                        help="comma-separated thresholds in [0, 1]")
     sweep.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
+    sweep.add_argument("--label-free", action="store_true",
+                       help="also choose a threshold without pixel labels and score it")
     sweep.add_argument("overrides", nargs="*", help="overrides, e.g. pseudo.use_true_labels=true")
     sweep.set_defaults(func=_sweep)
 

@@ -126,6 +126,13 @@ class PseudoMaskConfig:
     tta_scales: list[float] = field(default_factory=lambda: [1.0], metadata=_POSITIVE)
     tta_flip: bool = False
     crf: bool = False
+    crf_backend: str = field(default="torch", metadata={"choices": ("torch", "pydensecrf")})
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 80.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
 
 
 @dataclass

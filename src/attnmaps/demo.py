@@ -17,11 +17,13 @@ from .conventions import min_max_normalize
 from .data.registry import build_dataset
 from .data.synthetic import write_synthetic_voc
 from .engine.evaluate import eval_options, evaluate
+from .engine.stages import evaluate_stages, format_stages
 from .engine.train import train
 from .metrics.report import format_iou_table, save_metrics
 from .metrics.segmentation import SegmentationMetric
 from .pipeline import load_run
 from .progress import logger
+from .protocol import build_protocol, format_protocol
 from .pseudo.masks import upsample_maps
 from .viz import save_attention_grid
 
@@ -84,6 +86,11 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
             shown["pseudo"] += list(pred[:room].cpu().numpy())
 
     metrics = evaluate(model, val, cfg.pseudo, **eval_options(cfg), sweep=SWEEP, on_batch=keep)
+    metrics["stages"] = evaluate_stages(model, val, cfg.pseudo, final=metrics, **eval_options(cfg))
+    metrics["protocol"] = build_protocol(
+        cfg, split=cfg.data.val_split, num_images=len(val), weights=weights,
+        threshold_choice="fixed in the demo config (chosen on the shipped checkpoint's own "
+                         "validation split, seed 1)")
     metrics["floor_miou"] = floor_miou(val)
     metrics["start"] = "from scratch" if from_scratch else f"shipped checkpoint {SHIPPED_CHECKPOINT}"
     metrics["class_names"] = val.class_names
@@ -94,7 +101,8 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
         [val[i]["mask"].numpy() for i in range(len(shown['pseudo']))], shown["pseudo"], shown["maps"],
         val.class_names, probs=shown["probs"])
     save_metrics(out / "metrics.json", metrics)
-    logger.info("%s", format_iou_table(metrics))
+    logger.info("%s\n%s\n%s", format_protocol(metrics["protocol"]), format_stages(metrics["stages"]),
+                format_iou_table(metrics))
     logger.info("model: %s, %d epochs here\n"
                 "pseudo-mask mIoU from predicted labels: %.3f\n"
                 "  from true image labels:               %.3f\n"

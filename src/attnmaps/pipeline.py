@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,11 +16,14 @@ from .checkpoint import checkpoint_paths, load_weights, read_metadata
 from .config import Config, apply_overrides, load_config
 from .data.registry import build_dataset
 from .engine.evaluate import eval_options, evaluate
+from .engine.stages import evaluate_stages
 from .errors import DataError
 from .metrics.report import save_metrics
 from .models.factory import create_model
 from .models.vit import ClassTokenViT
+from .protocol import USES_PIXEL_LABELS, build_protocol
 from .pseudo.masks import mask_path, save_pseudo_masks
+from .pseudo.threshold import METHOD as LABEL_FREE_METHOD
 from .runtime import resolve_device
 
 SWEEP_FILE = "sweep.json"
@@ -60,10 +64,14 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
     When the split has ground-truth masks, the metrics are also written to
     ``out_dir/metrics.json``: those of :func:`~attnmaps.engine.evaluate.evaluate`, whose
     top-level segmentation ones (``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``,
-    ``confusion`` with rows = ground truth) are those of the written masks.
+    ``confusion`` with rows = ground truth) are those of the written masks; ``protocol`` (how
+    they were made, :func:`~attnmaps.protocol.build_protocol`) and ``stages`` (raw, then each
+    enabled post-processing step, :func:`~attnmaps.engine.stages.evaluate_stages`) come with
+    them.
     """
     cfg, model = load_run(run_dir, overrides)
-    dataset = build_dataset(cfg.data, split or cfg.data.val_split, train=False)
+    split = split or cfg.data.val_split
+    dataset = build_dataset(cfg.data, split, train=False)
     check_classes(model, dataset, cfg)
     for image_id in getattr(dataset, "ids", ()):  # every path checked before any work
         mask_path(Path(out_dir), image_id)
@@ -74,15 +82,19 @@ def write_pseudo_masks(run_dir: Path, out_dir: Path, split: str | None = None,
     metrics = evaluate(model, dataset, cfg.pseudo, **eval_options(cfg), on_batch=save)
     if not _has_masks(dataset):
         return None
+    metrics["stages"] = evaluate_stages(model, dataset, cfg.pseudo, final=metrics,
+                                        **eval_options(cfg))
     if cfg.pseudo.use_true_labels:
         metrics.update(metrics["true_labels"])
     metrics["masks_from"] = "true image labels" if cfg.pseudo.use_true_labels else "predictions"
+    metrics["protocol"] = build_protocol(cfg, split=split, num_images=len(dataset),
+                                         weights=checkpoint_paths(run_dir)[0])
     save_metrics(Path(out_dir) / METRICS_FILE, metrics)
     return metrics
 
 
 def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | None = None,
-                     overrides: Sequence[str] = ()) -> dict:
+                     overrides: Sequence[str] = (), label_free: bool = False) -> dict:
     """Pseudo-mask mIoU of ``split`` (default: the validation split) at each background
     threshold, and the best; saved to ``run_dir/sweep.json``.
 
@@ -90,8 +102,13 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     ``pseudo.use_true_labels=true`` (the usual way to pick the threshold of training-set
     seeds); the other ``pseudo.*`` settings apply as in
     :func:`~attnmaps.engine.evaluate.evaluate`. Returns ``{"split", "use_true_labels",
-    "miou_by_threshold": {threshold: miou}, "best_threshold", "best_miou"}``; ties go to the
-    lowest threshold.
+    "miou_by_threshold": {threshold: miou}, "best_threshold", "best_miou", "best_chosen_by",
+    "protocol"}``; ties go to the lowest threshold. The best threshold is chosen with the
+    split's pixel labels, which ``best_chosen_by`` and the protocol say.
+
+    ``label_free`` adds ``"label_free": {"method", "threshold", "miou", "gap_to_best"}``: the
+    threshold :class:`~attnmaps.pseudo.threshold.MapHistogram` picks without pixel labels, and
+    its mIoU (one more pass over the split).
     """
     thresholds = sorted({float(t) for t in thresholds})
     if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
@@ -109,9 +126,21 @@ def sweep_thresholds(run_dir: Path, thresholds: Sequence[float], split: str | No
     by_threshold = metrics["miou_by_threshold"]
     scored = [t for t in thresholds if not math.isnan(by_threshold[t])]
     best = max(scored, key=by_threshold.__getitem__) if scored else None
+    chosen_by = f"pixel-label sweep of {thresholds} on split {split!r} ({USES_PIXEL_LABELS})"
     result = {"split": split, "use_true_labels": cfg.pseudo.use_true_labels,
               "miou_by_threshold": by_threshold, "best_threshold": best,
-              "best_miou": by_threshold[best] if best is not None else math.nan}
+              "best_miou": by_threshold[best] if best is not None else math.nan,
+              "best_chosen_by": chosen_by}
+    if label_free:
+        threshold = metrics["label_free_threshold"]
+        key = "miou_true_labels" if cfg.pseudo.use_true_labels else "miou"
+        miou = evaluate(model, dataset, replace(cfg.pseudo, threshold=threshold),
+                        **eval_options(cfg))[key]
+        result["label_free"] = {"method": LABEL_FREE_METHOD, "threshold": threshold,
+                                "miou": miou, "gap_to_best": result["best_miou"] - miou}
+    result["protocol"] = build_protocol(cfg, split=split, num_images=len(dataset),
+                                        weights=checkpoint_paths(run_dir)[0],
+                                        threshold_choice=chosen_by, threshold=best)
     save_metrics(run_dir / SWEEP_FILE, result)
     return result
 

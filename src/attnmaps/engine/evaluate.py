@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -31,15 +30,18 @@ from ..metrics.segmentation import SegmentationMetric
 from ..metrics.sync import all_reduce_sum
 from ..models.vit import ClassTokenViT
 from ..process_group import is_distributed
-from ..pseudo.crf import crf_pseudo_masks, images_to_uint8_range
+from ..pseudo.crf import crf_params, crf_pseudo_masks, images_to_uint8_range
 from ..pseudo.masks import make_pseudo_masks, select_classes, upsample_maps
 from ..pseudo.pamr import pamr
+from ..pseudo.threshold import MapHistogram
 from ..pseudo.tta import tta_predict
 from .acceleration import autocast
 from .distributed import shard_indices
 
 BatchCallback = Callable[[dict, Tensor, Tensor, Tensor], None]
 SEGMENTATION_KEYS = ("miou", "pixel_acc", "mean_acc", "per_class_iou")
+SWEEP_NOTE = ("uses pixel labels: a threshold picked by this is tuned on ground-truth masks, "
+              "not weakly supervised")
 
 
 def class_map_correlation(maps: Tensor) -> Tensor:
@@ -77,8 +79,10 @@ class PseudoMaskEvaluator:
     ground truth) and the same from the true image labels under ``true_labels`` (its mIoU also
     as ``miou_true_labels``); ``miou_multi_class`` (predicted labels, images with two or more
     classes); ``class_map_correlation``; ``miou_by_threshold`` for each ``sweep`` threshold (from
-    the true labels when ``settings.use_true_labels`` is set, else from predicted ones); and
-    ``class_names`` when given for the L mask labels.
+    the true labels when ``settings.use_true_labels`` is set, else from predicted ones), with
+    ``miou_by_threshold_note`` saying that it uses pixel labels; ``label_free_threshold``, the background threshold that
+    :class:`~attnmaps.pseudo.threshold.MapHistogram` picks, without pixel labels, from the maps
+    of the same classes; and ``class_names`` when given for the L mask labels.
 
     ``pixel_stats`` = the per-channel (mean, std) the images were normalized with; the CRF
     (``settings.crf``) needs it to recover their colors. Inside a process group every process
@@ -94,6 +98,7 @@ class PseudoMaskEvaluator:
                              "per-channel mean/std to undo its normalization; set "
                              "pseudo.crf=false")
         self.settings = settings
+        self.crf = crf_params(settings) if settings.crf else None
         self.has_background = has_background
         num_labels = num_classes + int(has_background)
         self.class_names = (list(class_names) if class_names is not None
@@ -104,6 +109,7 @@ class PseudoMaskEvaluator:
                                                       for _ in range(3))
         self.swept = {float(t): SegmentationMetric(num_labels, device=device) for t in sweep}
         self.correlation = torch.zeros(2, dtype=torch.float64, device=device)  # sum, count
+        self.histogram = MapHistogram(device=device)
 
     def update(self, images: Tensor, labels: Tensor, masks: Tensor, probs: Tensor,
                maps: Tensor) -> dict[str, Tensor]:
@@ -118,6 +124,7 @@ class PseudoMaskEvaluator:
         made = {"predicted": self._pseudo_masks(full, probs, settings.threshold, None, colors),
                 "true": self._pseudo_masks(full, probs, settings.threshold, labels, colors)}
         swept_labels = labels if settings.use_true_labels else None
+        self.histogram.update(full, select_classes(probs, swept_labels, settings.prob_threshold))
         for threshold, metric in self.swept.items():
             metric.update(self._pseudo_masks(full, probs, threshold, swept_labels, colors), masks)
         self.classifier.update(probs, labels)
@@ -133,7 +140,7 @@ class PseudoMaskEvaluator:
         return made
 
     def _pseudo_masks(self, full: Tensor, probs: Tensor, threshold: float,
-                      labels: Tensor | None, colors: np.ndarray | None) -> Tensor:
+                      labels: Tensor | None, colors: Tensor | None) -> Tensor:
         """Pseudo masks from image-size maps at ``threshold``, CRF-refined on ``colors`` when
         given."""
         prob_threshold = self.settings.prob_threshold
@@ -144,7 +151,7 @@ class PseudoMaskEvaluator:
             return masks
         selected = select_classes(probs, labels, prob_threshold)
         return crf_pseudo_masks(colors, min_max_normalize(full), selected, masks, threshold,
-                                self.has_background)
+                                self.has_background, self.crf, self.settings.crf_backend)
 
     def compute(self) -> dict:
         result = self.classifier.compute()
@@ -156,6 +163,9 @@ class PseudoMaskEvaluator:
         result["class_map_correlation"] = correlation[0].item() / max(correlation[1].item(), 1.0)
         result["miou_by_threshold"] = {t: metric.compute()["miou"]
                                        for t, metric in self.swept.items()}
+        if self.swept:
+            result["miou_by_threshold_note"] = SWEEP_NOTE
+        result["label_free_threshold"] = self.histogram.threshold()
         if self.class_names is not None:
             result["class_names"] = self.class_names
         return result

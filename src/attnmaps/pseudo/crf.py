@@ -1,19 +1,24 @@
 """Fully connected CRF refinement of pseudo masks (Krähenbühl & Koltun, NeurIPS 2011).
 
-Needs the optional extra ``pydensecrf2`` (``pip install "attnmaps[crf]"``; it installs the module
-``pydensecrf`` and builds from source, so a C++ compiler is needed). Imported only when called.
+Two backends compute the same CRF (:class:`~attnmaps.pseudo.crf_torch.CRFParams`: 10 mean-field
+steps, an appearance (bilateral) kernel with ``sxy=80``, ``srgb=13``, ``compat=10`` and a
+smoothness (Gaussian) kernel with ``sxy=3``, ``compat=3``, colors in 0..255 units, the defaults
+of PSA's (Ahn & Kwak, CVPR 2018) seed refinement; IRN's label-map CRF uses ``sxy=50``,
+``srgb=5``), chosen by ``pseudo.crf_backend``:
 
-Parameters default to those of the attention/CAM seed refinement in PSA (Ahn & Kwak, CVPR 2018)
-and the WSSS code built on it: 10 mean-field iterations, an appearance (bilateral) kernel with
-``sxy=80``, ``srgb=13``, ``compat=10`` and a smoothness (Gaussian) kernel with ``sxy=3``,
-``compat=3``; colors in 0..255 units. (IRN's label-map CRF uses ``sxy=50``, ``srgb=5``.)
+* ``torch`` (default): :func:`~attnmaps.pseudo.crf_torch.dense_crf`, plain torch, batched, on the
+  masks' device;
+* ``pydensecrf``: the optional extra ``pydensecrf2`` (``pip install "attnmaps[crf]"``; it
+  installs the module ``pydensecrf`` and builds from source, so a C++ compiler is needed),
+  image by image on the CPU, imported only when called.
 
 Unary of a pseudo mask (:func:`pseudo_mask_probs`): every label gets a score, the background
 the binarisation threshold and each selected class its min-max normalized map (unselected
 classes 0); the label the pseudo mask gave the pixel is raised to the pixel's highest score, so
 the CRF starts from the pseudo mask; the scores divided by their sum are the probabilities. A
 pixel whose map barely clears the threshold is thus a near tie, one deep inside an object or
-far from all objects a confident one.
+far from all objects a confident one. The CRF of an image runs over the labels it can take only
+(background and its selected classes).
 """
 
 from __future__ import annotations
@@ -22,21 +27,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import PseudoMaskConfig
+from .crf_torch import DEFAULT_PARAMS, PROB_FLOOR, CRFParams, dense_crf
+
 INSTALL_HINT = 'pip install "attnmaps[crf]"  (the pydensecrf2 package)'
-PROB_FLOOR = 1e-5  # probabilities are clipped here before -log, as pydensecrf's utils do
+BACKENDS = ("torch", "pydensecrf")
 
 
-def crf_refine(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *,
-               gaussian_sxy: float = 3.0, gaussian_compat: float = 3.0,
-               bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
-               bilateral_compat: float = 10.0) -> np.ndarray:
-    """Labels [H,W] (int64) of a dense CRF with unary ``-log probs`` on ``image``.
+def crf_params(settings: PseudoMaskConfig) -> CRFParams:
+    """The CRF parameters of the ``pseudo.crf_*`` config keys."""
+    return CRFParams(iterations=settings.crf_iterations, gaussian_sxy=settings.crf_gaussian_sxy,
+                     gaussian_compat=settings.crf_gaussian_compat,
+                     bilateral_sxy=settings.crf_bilateral_sxy,
+                     bilateral_srgb=settings.crf_bilateral_srgb,
+                     bilateral_compat=settings.crf_bilateral_compat)
+
+
+def crf_refine(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEFAULT_PARAMS
+               ) -> np.ndarray:
+    """Labels [H,W] (int64) of ``pydensecrf``'s dense CRF with unary ``-log probs`` on ``image``.
 
     Args:
         image: [H,W,C] colors in 0..255 units (uint8 RGB typically; any channel count).
         probs: [L,H,W] label probabilities (clipped at 1e-5; rows need not sum to one).
-        iterations: mean-field steps.
-        gaussian_*, bilateral_*: kernel widths (pixels, color units) and weights.
+        params: mean-field steps, kernel widths (pixels, color units) and weights.
     """
     try:
         import pydensecrf.densecrf as dcrf
@@ -55,11 +69,11 @@ def crf_refine(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *,
     ys, xs = np.mgrid[:height, :width].astype(np.float32)
     position = np.stack([xs.ravel(), ys.ravel()])
     colors = image.reshape(-1, image.shape[-1]).T.astype(np.float32)
-    for features, compat in ((position / gaussian_sxy, gaussian_compat),
-                             (np.concatenate([position / bilateral_sxy,
-                                              colors / bilateral_srgb]), bilateral_compat)):
+    appearance = np.concatenate([position / params.bilateral_sxy, colors / params.bilateral_srgb])
+    for features, compat in ((position / params.gaussian_sxy, params.gaussian_compat),
+                             (appearance, params.bilateral_compat)):
         crf.addPairwiseEnergy(np.ascontiguousarray(features, dtype=np.float32), compat=compat)
-    q = np.asarray(crf.inference(iterations)).reshape(num_labels, height, width)
+    q = np.asarray(crf.inference(params.iterations)).reshape(num_labels, height, width)
     return q.argmax(0).astype(np.int64)
 
 
@@ -80,27 +94,40 @@ def pseudo_mask_probs(maps: Tensor, selected: Tensor, masks: Tensor, threshold: 
     return torch.where(total > 0, scores / total.clamp_min(1e-12), 1.0 / scores.shape[1])
 
 
-def crf_pseudo_masks(images: np.ndarray, maps: Tensor, selected: Tensor, masks: Tensor,
-                     threshold: float, has_background: bool, iterations: int = 10) -> Tensor:
-    """Refine pseudo masks [B,H,W] with :func:`crf_refine` on ``images`` [B,H,W,C] (0..255).
+def crf_pseudo_masks(colors: Tensor, maps: Tensor, selected: Tensor, masks: Tensor,
+                     threshold: float, has_background: bool, params: CRFParams = DEFAULT_PARAMS,
+                     backend: str = "torch") -> Tensor:
+    """Refine pseudo masks [B,H,W] with the dense CRF on ``colors`` [B,H,W,C] (0..255).
 
-    Arguments as for :func:`pseudo_mask_probs`. The CRF of an image runs over the labels it can
-    take only (background and its selected classes); the result has the dtype and device of
-    ``masks``.
+    Arguments as for :func:`pseudo_mask_probs`; ``backend`` is ``"torch"``
+    (:func:`~attnmaps.pseudo.crf_torch.dense_crf`, the whole batch at once) or
+    ``"pydensecrf"`` (:func:`crf_refine`, image by image). Each image's CRF runs over the labels
+    it can take only (background and its selected classes); the result has the dtype and
+    device of ``masks``.
     """
-    probs = pseudo_mask_probs(maps, selected, masks, threshold, has_background).cpu()
-    offset = int(has_background)
-    refined = []
-    for image, prob, chosen in zip(images, probs, selected.cpu()):
-        labels = torch.cat([torch.zeros(offset, dtype=torch.long),
-                            chosen.nonzero().flatten() + offset])
-        index = crf_refine(image, prob[labels].double().numpy(), iterations)
-        refined.append(labels[torch.from_numpy(index)])
-    return torch.stack(refined).to(device=masks.device, dtype=masks.dtype)
+    if backend not in BACKENDS:
+        raise ValueError(f"pseudo.crf_backend must be one of {BACKENDS}, got {backend!r}")
+    probs = pseudo_mask_probs(maps, selected, masks, threshold, has_background)
+    allowed = torch.cat([selected.new_ones(len(selected), int(has_background), dtype=torch.bool),
+                         selected.bool()], 1)
+    # Each image's labels first, in label order, padded with labels it cannot take.
+    labels = (~allowed).int().argsort(dim=1, stable=True)[:, :int(allowed.sum(1).max())]
+    probs = probs.gather(1, labels[:, :, None, None].expand(-1, -1, *probs.shape[-2:]))
+    allowed = allowed.gather(1, labels)
+    if backend == "torch":
+        index = dense_crf(colors, probs, params, allowed).argmax(1)
+    else:
+        index = torch.stack([
+            torch.from_numpy(crf_refine(image.cpu().numpy(), prob[keep].double().cpu().numpy(),
+                                        params))
+            for image, prob, keep in zip(colors, probs, allowed)]).to(labels.device)
+    refined = labels.gather(1, index.flatten(1)).view_as(index)
+    return refined.to(device=masks.device, dtype=masks.dtype)
 
 
-def images_to_uint8_range(images: Tensor, mean: Tensor, std: Tensor) -> np.ndarray:
-    """Normalized images [B,C,H,W] back to colors in 0..255 units, [B,H,W,C] float32.
+def images_to_uint8_range(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Normalized images [B,C,H,W] back to colors in 0..255 units, [B,H,W,C] float32, on the
+    images' device.
 
     ``(x * std + mean) * 255`` clipped to 0..255: the stored image (resized) for 8-bit data,
     whose pixels the datasets scale to [0, 1]. Other data (e.g. GeoTIFF reflectances, used in
@@ -109,4 +136,4 @@ def images_to_uint8_range(images: Tensor, mean: Tensor, std: Tensor) -> np.ndarr
     """
     colors = (images.float() * std.to(images.device).view(1, -1, 1, 1)
                + mean.to(images.device).view(1, -1, 1, 1)) * 255.0
-    return colors.clamp(0, 255).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return colors.clamp(0, 255).permute(0, 2, 3, 1).contiguous()

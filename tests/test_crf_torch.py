@@ -1,0 +1,123 @@
+"""The torch dense CRF against a brute-force mean-field with exact N x N Gaussian kernels, the
+lattice against exact Gaussian filtering, batching and label restriction, and (with the crf
+extra installed) agreement with pydensecrf."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from attnmaps.pseudo.crf import crf_refine
+from attnmaps.pseudo.crf_torch import CRFParams, dense_crf
+from attnmaps.pseudo.lattice import PermutohedralLattice
+
+HEIGHT, WIDTH = 12, 14
+
+
+def scene(seed: int = 0, labels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colors [1,H,W,3] of three noisy color blocks and noisy probabilities [1,L,H,W]."""
+    gen = torch.Generator().manual_seed(seed)
+    truth = torch.zeros(HEIGHT, WIDTH, dtype=torch.long)
+    truth[:, WIDTH // 2:] = 1
+    truth[HEIGHT // 2:, : WIDTH // 3] = 2
+    palette = torch.tensor([[30.0, 60.0, 200.0], [200.0, 40.0, 40.0], [40.0, 200.0, 60.0]])
+    colors = (palette[truth] + 15 * torch.randn(HEIGHT, WIDTH, 3, generator=gen)).clamp(0, 255)
+    probs = torch.nn.functional.one_hot(truth, labels).permute(2, 0, 1).float() * 0.4 + 0.3
+    probs = (probs + 0.25 * torch.randn(probs.shape, generator=gen)).clamp(0.01, 1.0)
+    return colors[None], probs[None]
+
+
+def brute_force_crf(colors: torch.Tensor, probs: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """Mean-field with the exact dense kernels: K = exp(-|f_i - f_j|^2 / 2) as an N x N matrix,
+    symmetric normalization, Potts messages; one image, float64."""
+    _, height, width, channels = colors.shape
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                            torch.arange(width, dtype=torch.float64), indexing="ij")
+    position = torch.stack([xs.flatten(), ys.flatten()], 1)
+    rgb = colors[0].reshape(-1, channels).double()
+    kernels = []
+    for features, compat in ((position / params.gaussian_sxy, params.gaussian_compat),
+                             (torch.cat([position / params.bilateral_sxy,
+                                         rgb / params.bilateral_srgb], 1),
+                              params.bilateral_compat)):
+        k = torch.exp(-torch.cdist(features, features) ** 2 / 2)
+        norm = k.sum(1).rsqrt()
+        kernels.append(compat * norm[:, None] * k * norm[None, :])
+    unary = -probs[0].double().clamp_min(1e-5).log().reshape(probs.shape[1], -1).T  # [N, L]
+    q = (-unary).softmax(1)
+    for _ in range(params.iterations):
+        q = (sum(k @ q for k in kernels) - unary).softmax(1)
+    return q.T.reshape(1, -1, height, width)
+
+
+def test_smoothness_kernel_alone_equals_brute_force():
+    colors, probs = scene()
+    params = CRFParams(iterations=5, bilateral_compat=0.0)
+    assert_close(dense_crf(colors, probs, params).double(), brute_force_crf(colors, probs, params),
+                 atol=2e-3, rtol=0)
+
+
+def test_full_crf_is_close_to_brute_force():
+    colors, probs = scene()
+    params = CRFParams(iterations=5, bilateral_sxy=6.0, bilateral_srgb=20.0)
+    got, want = dense_crf(colors, probs, params).double(), brute_force_crf(colors, probs, params)
+    assert (got - want).abs().max() < 0.1
+    assert (got.argmax(1) == want.argmax(1)).double().mean() >= 0.97
+    assert not torch.equal(want.argmax(1), probs.argmax(1))  # the CRF changed labels
+
+
+def test_lattice_approximates_the_exact_gaussian_filter():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.rand(400, 3, generator=gen) * 4
+    values = torch.rand(400, 2, generator=gen)
+    got = PermutohedralLattice(features).filter(values).double()
+    exact = torch.exp(-torch.cdist(features, features).double() ** 2 / 2) @ values.double()
+    # Up to a global scale (removed by the CRF's normalization): a few per cent typically, at
+    # most 15 % (the lattice's approximation error).
+    deviation = ((got / exact) / (got / exact).mean() - 1).abs()
+    assert deviation.mean() < 0.03 and deviation.max() < 0.15
+
+
+def test_groups_keep_images_apart():
+    colors, probs = scene(0)
+    colors2, probs2 = scene(1)
+    batched = dense_crf(torch.cat([colors, colors2]), torch.cat([probs, probs2]))
+    assert_close(batched[:1], dense_crf(colors, probs), atol=1e-5, rtol=0)
+    assert_close(batched[1:], dense_crf(colors2, probs2), atol=1e-5, rtol=0)
+
+
+def test_labels_not_allowed_equal_a_crf_without_them():
+    colors, probs = scene(labels=3)
+    allowed = torch.tensor([[True, False, True]])
+    restricted = dense_crf(colors, probs[:, [0, 2]])
+    got = dense_crf(colors, probs, allowed=allowed)
+    assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
+    assert_close(got[:, [0, 2]], restricted, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    colors, probs = scene()
+    with pytest.raises(ValueError, match="colors must be"):
+        dense_crf(colors[0], probs)
+    with pytest.raises(ValueError, match="at least one label"):
+        dense_crf(colors, probs, allowed=torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pseudo.crf_iterations"):
+        CRFParams(iterations=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu():
+    colors, probs = scene()
+    assert_close(dense_crf(colors.cuda(), probs.cuda()).cpu(), dense_crf(colors, probs),
+                 atol=1e-4, rtol=0)
+
+
+def test_matches_pydensecrf_with_the_same_parameters():
+    pytest.importorskip("pydensecrf.densecrf", reason="needs the crf extra (pydensecrf2)")
+    for seed in range(3):
+        colors, probs = scene(seed)
+        want = crf_refine(colors[0].numpy().astype(np.uint8), probs[0].double().numpy())
+        got = dense_crf(colors.round(), probs).argmax(1)[0].numpy()
+        assert (got == want).mean() >= 0.97
