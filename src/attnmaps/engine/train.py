@@ -70,6 +70,8 @@ from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
 
 EpochCallback = Callable[[int, dict], None]
+SetupFn = Callable[[Config, DistContext, bool], "Run"]
+EndOfEpochFn = Callable[["Run", int, float], dict]
 
 
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -171,7 +173,7 @@ class Run:
     cfg: Config
     ctx: DistContext
     run_dir: Path
-    model: ClassTokenViT
+    model: nn.Module
     train_step: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -189,8 +191,13 @@ class Run:
         return self.run_dir / "log.jsonl"
 
 
-def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None, *,
+          setup_fn: SetupFn | None = None, end_fn: EndOfEpochFn | None = None) -> dict:
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
+
+    ``setup_fn`` / ``end_fn`` replace :func:`setup` / :func:`end_of_epoch` for another model
+    and objective (the second stage, :mod:`attnmaps.segment.train`); :func:`train_one_epoch`
+    serves both.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (on every
     process; the metrics are the same on all). Epochs before the last are scored without PAMR,
@@ -200,11 +207,11 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
-        run = setup(cfg, ctx, resume)
+        run = (setup_fn or setup)(cfg, ctx, resume)
         metrics: dict = {}
-        for epoch in range(run.start_epoch, cfg.train.epochs):
+        for epoch in range(run.start_epoch, run.cfg.train.epochs):
             images_per_second = train_one_epoch(run, epoch)
-            metrics = end_of_epoch(run, epoch, images_per_second)
+            metrics = (end_fn or end_of_epoch)(run, epoch, images_per_second)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
         return metrics
@@ -216,15 +223,7 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
 def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     """Data, model (from ``model.init_from`` unless resuming), optimiser, schedule and the
     resumed state of a run; writes the resolved config on rank 0."""
-    run_dir = Path(cfg.out_dir)
-    weights_path, _ = checkpoint_paths(run_dir)
-    if weights_path.exists() and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint ({weights_path.name}); pass --resume to continue "
-            "it or set out_dir to a new directory"
-        )
-    if resume and not weights_path.exists():
-        raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
+    run_dir = check_run_dir(Path(cfg.out_dir), resume)
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -244,15 +243,8 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     scheduler = warmup_cosine(optimizer, total_steps,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
-    start_epoch, step = 0, 0
-    if resume:
-        state = load_checkpoint(run_dir, model, map_location=ctx.device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
-    elif ctx.rank:
-        seed_everything(rank_seed(cfg.train.seed, ctx.rank))
+    start_epoch, step = restore_run(run_dir, model, optimizer, scheduler, ctx, cfg.train.seed,
+                                    resume)
     sampler = training_sampler(train_set, cfg.train.seed, ctx)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers)
@@ -263,6 +255,49 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
                optimizer, scheduler, loader, sampler, val_set,
                getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
                step)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path:
+    """``run_dir``, after checking that it holds a checkpoint exactly when resuming."""
+    weights_path, _ = checkpoint_paths(run_dir)
+    if weights_path.exists() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint ({weights_path.name}); pass --resume to continue "
+            "it or set out_dir to a new directory"
+        )
+    if resume and not weights_path.exists():
+        raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
+    return run_dir
+
+
+def restore_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, ctx: DistContext, seed: int,
+                resume: bool) -> tuple[int, int]:
+    """``(start epoch, step)``: from the checkpoint in ``run_dir`` (weights, optimiser,
+    schedule, this rank's RNG) when resuming, else ``(0, 0)`` with ranks > 0 re-seeded."""
+    if not resume:
+        if ctx.rank:
+            seed_everything(rank_seed(seed, ctx.rank))
+        return 0, 0
+    state = load_checkpoint(run_dir, model, map_location=ctx.device)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rank_rng(state, ctx, seed, state["epoch"] + 1)
+    return state["epoch"] + 1, state["step"]
+
+
+def save_run_checkpoint(run: Run, epoch: int, metadata: dict[str, str]) -> None:
+    """Write the run's checkpoint after ``epoch`` on rank 0 (weights with ``metadata``,
+    optimiser, schedule, every rank's RNG state, config); every rank must call it."""
+    rng_by_rank = gather_objects(capture_rng_state())
+    if not run.ctx.is_main:
+        return
+    extra = {"rng_by_rank": rng_by_rank} if run.ctx.world_size > 1 else {}
+    save_checkpoint(run.run_dir, run.model, {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "rng": rng_by_rank[0], "epoch": epoch, "step": run.step,
+        "config": config_to_dict(run.cfg), **extra,
+    }, metadata=metadata)
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -306,17 +341,12 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     metrics = evaluate(run.model, run.val_set, settings,
                        **{**eval_options(cfg), "batch_size": run.batch_size})
     metrics["images_per_second"] = images_per_second
-    rng_by_rank = gather_objects(capture_rng_state())
+    save_run_checkpoint(run, epoch, checkpoint_metadata(cfg.model, run.model.num_classes,
+                                                        run.class_names))
     if ctx.is_main:
         summary = {key: value for key, value in metrics.items()
                    if key not in ("confusion", "true_labels")}
         append_log(run.log_path, {"epoch": epoch, "step": run.step, "eval": summary})
-        extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
-        save_checkpoint(run.run_dir, run.model, {
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng_by_rank[0], "epoch": epoch, "step": run.step,
-            "config": config_to_dict(cfg), **extra,
-        }, metadata=checkpoint_metadata(cfg.model, run.model.num_classes, run.class_names))
         logger.info("epoch %d/%d: mAP %.3f  pseudo-mask mIoU %.3f  heads closed %.0f%%  "
                     "(%.0f images/s)", epoch + 1, cfg.train.epochs, metrics["map"],
                     metrics["miou"], metrics["head_sparsity"], images_per_second)
