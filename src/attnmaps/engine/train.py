@@ -109,7 +109,7 @@ class TrainStep(nn.Module):
         return {name: value.float() for name, value in parts.items()}
 
 
-def build_train_step(model: ClassTokenViT, objective: WSSSObjective, cfg: TrainConfig,
+def build_train_step(model: nn.Module, objective, cfg: TrainConfig,
                      ctx: DistContext) -> nn.Module:
     """:class:`TrainStep`, wrapped in DistributedDataParallel under several processes and
     compiled with ``cfg.compile``. Its parameters are ``model``'s; save ``model`` itself."""
@@ -223,7 +223,7 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
 def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     """Data, model (from ``model.init_from`` unless resuming), optimiser, schedule and the
     resumed state of a run; writes the resolved config on rank 0."""
-    run_dir = check_run_dir(Path(cfg.out_dir), resume)
+    check_run_dir(Path(cfg.out_dir), resume)
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -236,10 +236,19 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
                          init_from=None if resume else cfg.model.init_from).to(ctx.device)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
+    return assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set)
+
+
+def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module, objective,
+                 optimizer: torch.optim.Optimizer, train_set: Dataset, val_set: Dataset) -> Run:
+    """The :class:`Run` of a model, objective (``objective(model, batch, device) -> {"loss":
+    ...}``), optimiser and datasets: batch layout, warm-up + cosine schedule, resumed state,
+    sampler and loader; writes the resolved config on rank 0."""
+    run_dir = Path(cfg.out_dir)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
     total_steps = cfg.train.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
     scheduler = warmup_cosine(optimizer, total_steps,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
@@ -257,8 +266,8 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
                step)
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path:
-    """``run_dir``, after checking that it holds a checkpoint exactly when resuming."""
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Check that ``run_dir`` holds a checkpoint exactly when resuming."""
     weights_path, _ = checkpoint_paths(run_dir)
     if weights_path.exists() and not resume:
         raise FileExistsError(
@@ -267,7 +276,6 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path:
         )
     if resume and not weights_path.exists():
         raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
-    return run_dir
 
 
 def restore_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

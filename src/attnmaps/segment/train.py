@@ -17,23 +17,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ..config import Config, TrainConfig, save_config
+from ..config import Config, TrainConfig
 from ..data.registry import build_dataset
 from ..engine.distributed import DistContext, barrier, sync_buffers
-from ..engine.optim import param_groups, warmup_cosine
+from ..engine.optim import param_groups
 from ..engine.train import (
     EpochCallback,
     Run,
     append_log,
-    batch_layout,
-    build_train_step,
+    assemble_run,
     check_run_dir,
-    restore_run,
     save_run_checkpoint,
     train,
-    training_sampler,
 )
 from ..progress import logger
 from ..runtime import seed_everything
@@ -74,7 +70,8 @@ def num_labels(dataset) -> int:
 def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     """Everything the second stage's run needs (module doc); writes the config on rank 0."""
     cfg = dataclasses.replace(cfg, train=stage2_train_config(cfg))
-    run_dir = check_run_dir(Path(cfg.out_dir), resume)
+    run_dir = Path(cfg.out_dir)
+    check_run_dir(run_dir, resume)
     seed_everything(cfg.train.seed)
     base = build_dataset(cfg.data, cfg.segment.seed_split or cfg.data.train_split, train=True)
     train_set = SeedDataset(base, run_dir / SEEDS_DIR)
@@ -83,24 +80,8 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
         Path(cfg.segment.stage1_run) / STAGE1_WEIGHTS
     model = create_segmenter(cfg.model, cfg.segment, base.num_classes, num_labels(base),
                              init_from=init).to(ctx.device)
-    batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
-                                               ctx.world_size)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg)
-    scheduler = warmup_cosine(optimizer, total_steps,
-                              min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
-                              cfg.train.min_lr / cfg.train.lr)
-    start_epoch, step = restore_run(run_dir, model, optimizer, scheduler, ctx, cfg.train.seed,
-                                    resume)
-    sampler = training_sampler(train_set, cfg.train.seed, ctx)
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers)
-    if ctx.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    return Run(cfg, ctx, run_dir, model,
-               build_train_step(model, SegmentationObjective(), cfg.train, ctx), optimizer,
-               scheduler, loader, sampler, val_set, base.class_names, batch_size,
-               steps_per_epoch, start_epoch, step)
+    return assemble_run(cfg, ctx, resume, model, SegmentationObjective(),
+                        build_optimizer(model, cfg), train_set, val_set)
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
