@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,14 @@ def test_smp_models_when_installed() -> None:
     loss = cross_entropy_ignore(net(torch.randn(2, 3, 64, 64)), torch.zeros(2, 64, 64).long())
     loss.backward()
     assert F.relu(loss).item() >= 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(stage2: Path, tmp_path: Path) -> None:
+    main(["report", str(stage2)])
+    shot = tmp_path / "report.png"
+    script = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.sh"
+    subprocess.run(["bash", str(script), str(stage2 / "report.html"), str(shot), "800,1200"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1200, 800) and pixels.std() > 10  # not a blank page
