@@ -130,6 +130,7 @@ class SegmentConfig:
     batch_size: int = 32
     backbone_lr_scale: float = 0.1
     seed_split: str | None = None
+    max_images: int = 0
     ignore_margin: float = 0.0
     class_margin: float = 0.0
     inference: str = field(default="slide", metadata={"choices": ("slide", "whole", "resize")})
@@ -364,6 +365,7 @@ def _validate_segment(seg: SegmentConfig) -> None:
         ("decoder_dim", seg.decoder_dim >= 1, "at least 1"),
         ("low_level_dim", seg.low_level_dim >= 0, "0 (no image branch) or more"),
         ("overlap", seg.overlap >= 0, "0 or more pixels"),
+        ("max_images", seg.max_images >= 0, "0 (the whole split) or a number of images"),
     ]
     for key, ok, expected in checks:
         if not ok:

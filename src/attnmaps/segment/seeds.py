@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..config import Config
 from ..conventions import IGNORE_INDEX, min_max_normalize
@@ -59,18 +59,33 @@ def uncertain_pixels(scores: Tensor, selected: Tensor, threshold: float, ignore_
 
 
 def class_scores(images: Tensor, maps: Tensor, selected: Tensor, refine_iterations: int) -> Tensor:
-    """The min-max normalized image-size class scores [B,K,H,W] the pseudo masks of ``maps``
-    [B,K,h,w] are binarised from (PAMR-refined for the ``selected`` classes, as
-    :class:`~attnmaps.engine.evaluate.PseudoMaskEvaluator` does)."""
+    """The min-max normalized image-size class scores [B,K,H,W] of ``maps`` [B,K,h,w]: upsampled
+    and PAMR-refined for the ``selected`` classes, as :func:`~attnmaps.engine.evaluate.evaluate`
+    scores them before binarising."""
     full = upsample_maps(maps, tuple(images.shape[-2:]))
     if refine_iterations:
         full = pamr(images, full, refine_iterations, selected=selected)
     return min_max_normalize(full)
 
 
+def seed_subset(size: int, max_images: int, seed: int) -> list[int]:
+    """Sorted indices of a seeded random subset of ``max_images`` of ``size`` items (all of
+    them when ``max_images`` is 0 or at least ``size``).
+
+    Example:
+        >>> seed_subset(5, 0, seed=0), len(seed_subset(100, 10, seed=0))
+        ([0, 1, 2, 3, 4], 10)
+    """
+    if not max_images or max_images >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:max_images].tolist())
+
+
 def write_seeds(cfg: Config, model: ClassTokenViT, dataset: ImageDataset, out_dir: Path) -> dict:
-    """Write ``out_dir/<id>.png`` seeds for ``dataset`` from ``model`` (the stage-1 run ``cfg``)
-    and return their scores.
+    """Write ``out_dir/<id>.png`` seeds for ``dataset`` (its seeded subset of
+    ``segment.max_images`` images, see :func:`seed_subset`) from ``model`` (the stage-1 run
+    ``cfg``) and return their scores.
 
     The scores: ``miou_true_labels`` (the seeds before the ignore band, the paper's "seeds"
     column), and ``labelled`` (metrics of the written seeds over their non-ignore pixels) with
@@ -81,13 +96,11 @@ def write_seeds(cfg: Config, model: ClassTokenViT, dataset: ImageDataset, out_di
     labelled = SegmentationMetric(dataset.num_classes + int(dataset.has_background))
     ignored = torch.zeros(2, dtype=torch.float64)  # ignored pixels, all pixels
 
-    def save(batch: dict, probs: Tensor, maps: Tensor, masks: Tensor) -> None:
+    def save(batch: dict, probs: Tensor, maps: Tensor, masks: Tensor, scores: Tensor) -> None:
         if seg.ignore_margin or seg.class_margin:
-            images = batch["image"].to(maps.device)
             selected = select_classes(probs, batch["labels"].to(maps.device))
-            scores = class_scores(images, maps, selected, settings.refine_iterations)
-            band = uncertain_pixels(scores, selected, settings.threshold, seg.ignore_margin,
-                                    seg.class_margin)
+            band = uncertain_pixels(min_max_normalize(scores), selected, settings.threshold,
+                                    seg.ignore_margin, seg.class_margin)
             masks = masks.masked_fill(band, IGNORE_INDEX)
         masks = masks.cpu()
         save_pseudo_masks(out_dir, list(batch["id"]), masks)
@@ -96,7 +109,9 @@ def write_seeds(cfg: Config, model: ClassTokenViT, dataset: ImageDataset, out_di
         ignored.add_(torch.tensor([(masks == IGNORE_INDEX).sum().item(), masks.numel()],
                                   dtype=torch.float64))
 
-    metrics = evaluate(model, dataset, settings, **eval_options(cfg), on_batch=save)
+    subset = Subset(dataset, seed_subset(len(dataset), seg.max_images, cfg.train.seed))
+    metrics = evaluate(model, subset, settings, **eval_options(cfg), on_batch=save,
+                       with_scores=True)
     ignored = all_reduce_sum(ignored)
     result = {"miou_true_labels": metrics["miou_true_labels"],
               "true_labels": metrics["true_labels"],
@@ -109,17 +124,19 @@ def write_seeds(cfg: Config, model: ClassTokenViT, dataset: ImageDataset, out_di
 
 
 class SeedDataset(Dataset):
-    """``base``'s images and labels with the seed ``seed_dir/<id>.png`` as mask, augmented
-    together by ``base``'s aligned augmentations (``data.crop_scale``, ``hflip``, ...).
+    """The images of ``base`` that have a seed ``seed_dir/<id>.png``, with their labels and the
+    seed as mask, augmented together by ``base``'s aligned augmentations (``data.crop_scale``,
+    ``hflip``, ...).
 
     Seeds written at ``data.image_size`` are resized (nearest) back to the stored image first.
     """
 
     def __init__(self, base: ImageDataset, seed_dir: Path):
-        missing = [i for i in base.ids if not (seed_dir / f"{i}.png").is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} seeds missing in {seed_dir}, e.g. "
-                                    f"{missing[0]}.png; write them with 'attnmaps segment'")
+        self.indices = [i for i, image_id in enumerate(base.ids)
+                        if (seed_dir / f"{image_id}.png").is_file()]
+        if not self.indices:
+            raise FileNotFoundError(f"no seed <id>.png in {seed_dir} for any image of the "
+                                    "split; write them with 'attnmaps segment'")
         self.base = base
         self.seed_dir = seed_dir
         self.num_classes = base.num_classes
@@ -127,9 +144,10 @@ class SeedDataset(Dataset):
         self.class_names = base.class_names
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, index: int) -> dict:
+        i = self.indices[index]
         image = self.base.checked_image(i)
         _, labels = self.base.load_target(i, image.shape)
         path = self.seed_dir / f"{self.base.ids[i]}.png"
