@@ -218,7 +218,10 @@ def test_report_of_a_stage1_run_says_what_it_needs(stage1: Path, capsys) -> None
 
 
 def test_smp_models_when_installed() -> None:
-    pytest.importorskip("segmentation_models_pytorch", exc_type=ImportError)
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError as error:  # also raised where torchvision does not load
+        pytest.skip(f"segmentation_models_pytorch cannot be imported: {error}")
     from attnmaps.segment.model import create_segmenter
 
     cfg = load_config(None, [*TINY, "segment.arch=smp", "segment.smp_arch=Unet",
@@ -240,3 +243,17 @@ def test_report_renders_in_headless_chromium(stage2: Path, tmp_path: Path) -> No
                    check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (1200, 800) and pixels.std() > 10  # not a blank page
+
+
+def test_smp_missing_names_the_extra() -> None:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("segmentation_models_pytorch is installed")
+    from attnmaps.segment.model import create_segmenter
+
+    cfg = load_config(None, [*TINY, "segment.arch=smp"])
+    with pytest.raises(ImportError, match=r"attnmaps\[smp\]"):
+        create_segmenter(cfg.model, cfg.segment, num_classes=4, num_labels=5)
