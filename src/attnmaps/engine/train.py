@@ -52,7 +52,6 @@ from ..data.mask_budget import MaskBudget
 from ..data.registry import build_dataset
 from ..metrics.report import to_jsonable
 from ..models.factory import checkpoint_metadata, create_model
-from ..models.vit import ClassTokenViT
 from ..progress import logger, progress
 from ..runtime import resolve_device, seed_everything
 from .acceleration import autocast, compile_module
@@ -72,6 +71,7 @@ from .optim import build_optimizer, warmup_cosine
 EpochCallback = Callable[[int, dict], None]
 SetupFn = Callable[[Config, DistContext, bool], "Run"]
 EndOfEpochFn = Callable[["Run", int, float], dict]
+Objective = Callable[[nn.Module, dict, torch.device], dict[str, Tensor]]
 
 
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -95,7 +95,7 @@ class TrainStep(nn.Module):
     returned loss terms are float32.
     """
 
-    def __init__(self, model: ClassTokenViT, objective: WSSSObjective, device: torch.device,
+    def __init__(self, model: nn.Module, objective: Objective, device: torch.device,
                  precision: str = "fp32"):
         super().__init__()
         self.model = model
@@ -109,7 +109,7 @@ class TrainStep(nn.Module):
         return {name: value.float() for name, value in parts.items()}
 
 
-def build_train_step(model: nn.Module, objective, cfg: TrainConfig,
+def build_train_step(model: nn.Module, objective: Objective, cfg: TrainConfig,
                      ctx: DistContext) -> nn.Module:
     """:class:`TrainStep`, wrapped in DistributedDataParallel under several processes and
     compiled with ``cfg.compile``. Its parameters are ``model``'s; save ``model`` itself."""
@@ -240,11 +240,12 @@ def setup(cfg: Config, ctx: DistContext, resume: bool) -> Run:
     return assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set)
 
 
-def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module, objective,
-                 optimizer: torch.optim.Optimizer, train_set: Dataset, val_set: Dataset) -> Run:
+def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
+                 objective: Objective, optimizer: torch.optim.Optimizer, train_set: Dataset,
+                 val_set: Dataset) -> Run:
     """The :class:`Run` of a model, objective (``objective(model, batch, device) -> {"loss":
-    ...}``), optimiser and datasets: batch layout, warm-up + cosine schedule, resumed state,
-    sampler and loader; writes the resolved config on rank 0."""
+    ..., other logged terms}``), optimiser and datasets: batch layout, warm-up + cosine
+    schedule, resumed state, sampler and loader; writes the resolved config on rank 0."""
     run_dir = Path(cfg.out_dir)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
