@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnmaps.engine.optim import build_optimizer, param_groups, set_base_lr, warmup_cosine
+from attnmaps.engine.optim import build_optimizer, param_groups, set_base_lrs, warmup_cosine
 
 
 class Gate(nn.Module):
@@ -146,7 +146,7 @@ def test_warmup_cosine_errors(args, pattern):
         warmup_cosine(opt, *args)
 
 
-def test_set_base_lr_rescales_the_schedule_from_the_current_step():
+def test_set_base_lrs_rescales_the_schedule_from_the_current_step():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=1e-3)
     scheduler = warmup_cosine(optimizer, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
@@ -155,7 +155,7 @@ def test_set_base_lr_rescales_the_schedule_from_the_current_step():
         scheduler.step()
     factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 8))  # step 4 of 10, warm-up 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
-    set_base_lr(scheduler, 5e-3)
+    set_base_lrs(scheduler, [5e-3])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * factor)
     assert scheduler.get_last_lr() == [pytest.approx(5e-3 * factor)]
     optimizer.step()

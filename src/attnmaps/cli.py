@@ -1,4 +1,5 @@
-"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench."""
+"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench,
+segment, predict, report."""
 
 from __future__ import annotations
 
@@ -120,6 +121,60 @@ def _guide_bench(args: argparse.Namespace) -> None:
           f"{args.out}/guide_bench.png")
 
 
+def _segment(args: argparse.Namespace) -> None:
+    from .segment.pipeline import run_segment
+
+    result = run_segment(Path(args.run) if args.run else None, Path(args.out), args.overrides,
+                         resume=args.resume)
+    print(f"validation mIoU, stage 1 from predicted labels: {result['stage1_val']['miou']:.3f}\n"
+          f"validation mIoU, stage 2 (no image labels):     {result['stage2']['miou']:.3f}\n"
+          f"seeds on the training split (true labels):      "
+          f"{result['seeds']['miou_true_labels']:.3f}\nrun directory: {args.out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .segment.images import predict_files
+    from .segment.predictors import load_predictor
+
+    predictor = load_predictor(Path(args.model), args.device)
+    result = predict_files(predictor, [Path(p) for p in args.images], Path(args.out),
+                           batch_size=args.batch_size)
+    print(f"{predictor.kind}: {len(result['written'])} masks and overlays written to {args.out}"
+          + (f"; {len(result['failed'])} file(s) could not be read" if result["failed"] else ""))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report.html import write_report
+
+    print(f"report written to {write_report(Path(args.run), Path(args.out) if args.out else None)}")
+
+
+def add_stage2_commands(sub: argparse._SubParsersAction) -> None:
+    """The ``segment``, ``predict`` and ``report`` sub-commands."""
+    segment = sub.add_parser("segment", help="seeds from a stage-1 run, then train and score a "
+                                             "segmentation network on them")
+    segment.add_argument("--run", help="stage-1 run directory written by 'attnmaps train'")
+    segment.add_argument("--out", required=True, help="directory of the second-stage run")
+    segment.add_argument("--resume", action="store_true", help="continue the run in --out")
+    segment.add_argument("overrides", nargs="*",
+                         help="overrides, e.g. segment.epochs=6 segment.ignore_margin=0.05")
+    segment.set_defaults(func=_segment)
+
+    predict = sub.add_parser("predict", help="masks and overlays for image files")
+    predict.add_argument("--model", required=True,
+                         help="run directory of 'attnmaps segment' (stage 2) or 'attnmaps train'")
+    predict.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    predict.add_argument("--out", required=True, help="directory for masks and overlays")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    predict.set_defaults(func=_predict)
+
+    report = sub.add_parser("report", help="one self-contained HTML page for a second-stage run")
+    report.add_argument("run", help="run directory of 'attnmaps segment'")
+    report.add_argument("--out", help="HTML path (default: RUN/report.html)")
+    report.set_defaults(func=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnmaps", description=__doc__)
     parser.add_argument("--debug", action="store_true",
@@ -199,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="subset of: none camal camal_energy rrr gain l1 (default: all)")
     bench.add_argument("--device", default="cpu")
     bench.set_defaults(func=_guide_bench)
+    add_stage2_commands(sub)
     return parser
 
 

@@ -136,11 +136,48 @@ class PseudoMaskConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """The second stage (``attnmaps segment``): seeds, segmentation network, inference.
+
+    ``epochs``, ``lr``, ``min_lr``, ``warmup_epochs`` and ``batch_size`` set the second stage's
+    schedule; every other ``train.*`` key (optimiser, precision, seed, device) applies to both
+    stages.
+    """
+
+    arch: str = field(default="vit_mlp", metadata={"choices": ("vit_mlp", "smp")})
+    blocks: str = field(
+        default="all",
+        metadata={"pattern": (r"all|last([1-9][0-9]*)?", "'last', 'last<n>' (n >= 1) or 'all'")},
+    )
+    decoder_dim: int = 64
+    low_level_dim: int = 32
+    dropout: float = 0.1
+    epochs: int = 4
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 0.3
+    batch_size: int = 32
+    backbone_lr_scale: float = 0.1
+    seed_split: str | None = None
+    max_images: int = 0
+    ignore_margin: float = 0.0
+    class_margin: float = 0.0
+    inference: str = field(default="slide", metadata={"choices": ("slide", "whole", "resize")})
+    window: list[int] | None = field(default=None, metadata=_PAIR)
+    overlap: int = 16
+    smp_arch: str = "DeepLabV3Plus"
+    smp_encoder: str = "resnet18"
+    smp_encoder_weights: str | None = None
+    stage1_run: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     out_dir: str = "runs/default"
 
 
@@ -360,3 +397,28 @@ def _validate(cfg: Config) -> None:
     if not scales or min(scales) <= 0:
         raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
                          "positive scales, e.g. [0.75, 1.0, 1.25]")
+    _validate_segment(cfg.segment)
+
+
+def _validate_segment(seg: SegmentConfig) -> None:
+    """Range checks of the ``segment`` section."""
+    checks = [
+        ("ignore_margin", 0.0 <= seg.ignore_margin < 1.0, "a score margin in [0, 1)"),
+        ("class_margin", 0.0 <= seg.class_margin < 1.0, "a score margin in [0, 1)"),
+        ("dropout", 0.0 <= seg.dropout < 1.0, "a probability in [0, 1)"),
+        ("epochs", seg.epochs >= 1, "at least 1"),
+        ("batch_size", seg.batch_size >= 1, "at least 1"),
+        ("lr", seg.lr > 0, "positive"),
+        ("backbone_lr_scale", seg.backbone_lr_scale >= 0, "0 (frozen backbone) or more"),
+        ("decoder_dim", seg.decoder_dim >= 1, "at least 1"),
+        ("low_level_dim", seg.low_level_dim >= 0, "0 (no image branch) or more"),
+        ("overlap", seg.overlap >= 0, "0 or more pixels"),
+        ("max_images", seg.max_images >= 0, "0 (the whole split) or a number of images"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"Config key 'segment.{key}' is {getattr(seg, key)!r}; expected "
+                             f"{expected}")
+    if seg.window is not None and seg.overlap >= min(seg.window):
+        raise ValueError(f"Config key 'segment.overlap' is {seg.overlap}; expected fewer pixels "
+                         f"than the sliding window segment.window={seg.window}")

@@ -154,6 +154,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         image = self.checked_image(i)
         mask, labels = self.load_target(i, image.shape)
+        return self.make_sample(i, image, mask, labels)
+
+    def make_sample(self, i: int, image: np.ndarray, mask: np.ndarray | None,
+                    labels: torch.Tensor) -> dict:
+        """Item ``i``'s sample from its stored image, mask (None: all ignore) and labels:
+        augmented together, scaled and normalized."""
         has_mask = mask is not None
         if mask is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)

@@ -71,7 +71,9 @@ class PseudoMaskEvaluator:
     multi-hot image labels [B,K], ground-truth label masks [B,H,W] (255 = ignore), class
     probabilities [B,K] and class maps [B,K,h,w]; it makes the pseudo masks from the predicted
     and from the true image labels (``settings``: PAMR, binarisation threshold, CRF), scores
-    both, and returns them as ``{"predicted": [B,H,W], "true": [B,H,W]}``.
+    both, and returns them as ``{"predicted": [B,H,W], "true": [B,H,W]}`` with ``"scores"``, the
+    image-size maps [B,K,H,W] they were binarised from (PAMR-refined for the classes of either,
+    before min-max normalization).
 
     ``compute()`` returns classifier metrics (``map``, ``per_class_ap``, ``exact_match``,
     ``label_accuracy``, ``f1``); the pseudo-mask metrics from predicted labels at the top level
@@ -122,7 +124,8 @@ class PseudoMaskEvaluator:
         colors = (None if self.pixel_stats is None
                   else images_to_uint8_range(images, *self.pixel_stats))
         made = {"predicted": self._pseudo_masks(full, probs, settings.threshold, None, colors),
-                "true": self._pseudo_masks(full, probs, settings.threshold, labels, colors)}
+                "true": self._pseudo_masks(full, probs, settings.threshold, labels, colors),
+                "scores": full}
         swept_labels = labels if settings.use_true_labels else None
         self.histogram.update(full, select_classes(probs, swept_labels, settings.prob_threshold))
         for threshold, metric in self.swept.items():
@@ -181,7 +184,7 @@ def eval_options(cfg: Config) -> dict:
 def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig, *,
              attn_blocks: str | Sequence[int] = "last", batch_size: int = 64,
              precision: str = "fp32", sweep: Sequence[float] = (),
-             on_batch: BatchCallback | None = None) -> dict:
+             on_batch: BatchCallback | None = None, with_scores: bool = False) -> dict:
     """Score ``model`` on ``dataset`` with :class:`PseudoMaskEvaluator`; also ``head_sparsity``
     (% of heads closed).
 
@@ -192,7 +195,9 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
     ``tta_flip`` test-time augmentation (:func:`~attnmaps.pseudo.tta.tta_predict`).
     ``on_batch(batch, probs, maps, pseudo_masks)`` sees every batch, e.g. to save masks; its
     masks come from the true labels when ``settings.use_true_labels`` is set, else from
-    predictions. Pass a config's run-level options with ``**eval_options(cfg)``.
+    predictions; ``with_scores`` adds a fifth argument, the image-size maps the masks were
+    binarised from (see :meth:`PseudoMaskEvaluator.update`). Pass a config's run-level options
+    with ``**eval_options(cfg)``.
 
     Inside a torch.distributed process group every process must call this: each scores the
     samples ``rank, rank + W, ...`` (``on_batch`` sees only those) and the metrics are reduced,
@@ -217,7 +222,7 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         probs, maps = logits.float().sigmoid(), maps.float()
         made = evaluator.update(images, labels, batch["mask"].to(device), probs, maps)
         if on_batch is not None:
-            on_batch(batch, probs, maps, made[kept])
+            on_batch(batch, probs, maps, made[kept], *((made["scores"],) if with_scores else ()))
     result = evaluator.compute()
     result["head_sparsity"] = head_sparsity(model.gate_values())
     return result

@@ -48,11 +48,16 @@ def build_optimizer(
     )
 
 
-def set_base_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
-    """Make ``lr`` the peak learning rate of ``scheduler`` from its current step on (e.g. after
-    loading a state saved with another one): base rates and the groups' current rates."""
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+def set_base_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """Make ``base_lrs`` (one per parameter group) the peak learning rates of ``scheduler`` from
+    its current step on (e.g. after loading a state saved with other ones): base rates and the
+    groups' current rates."""
+    if len(base_lrs) != len(scheduler.base_lrs):
+        raise ValueError(f"got {len(base_lrs)} learning rates for "
+                         f"{len(scheduler.base_lrs)} parameter groups")
+    scheduler.base_lrs = list(base_lrs)
+    for group, lr, factor in zip(scheduler.optimizer.param_groups, base_lrs,
+                                 scheduler.lr_lambdas):
         group["lr"] = lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 

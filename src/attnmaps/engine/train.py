@@ -33,7 +33,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,6 @@ from ..data.registry import build_dataset
 from ..errors import TrainingDiverged
 from ..metrics.report import to_jsonable
 from ..models.factory import checkpoint_metadata, create_model
-from ..models.vit import ClassTokenViT
 from ..progress import logger, progress
 from ..runtime import resolve_device, seed_everything
 from .acceleration import autocast, compile_module
@@ -70,7 +69,7 @@ from .distributed import (
 from .evaluate import eval_options, evaluate
 from .interrupt import Interrupted, StopRequest
 from .objective import WSSSObjective
-from .optim import build_optimizer, set_base_lr, warmup_cosine
+from .optim import build_optimizer, set_base_lrs, warmup_cosine
 from .resume import (
     SkipSampler,
     check_masks,
@@ -80,6 +79,9 @@ from .resume import (
 )
 
 EpochCallback = Callable[[int, dict], None]
+SetupFn = Callable[["Config", "DistContext", bool, bool], "Run"]
+EndOfEpochFn = Callable[["Run", int, float], dict]
+Objective = Callable[[nn.Module, dict, torch.device], dict[str, Tensor]]
 
 
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -103,7 +105,7 @@ class TrainStep(nn.Module):
     returned loss terms are float32.
     """
 
-    def __init__(self, model: ClassTokenViT, objective: WSSSObjective, device: torch.device,
+    def __init__(self, model: nn.Module, objective: Objective, device: torch.device,
                  precision: str = "fp32"):
         super().__init__()
         self.model = model
@@ -117,7 +119,7 @@ class TrainStep(nn.Module):
         return {name: value.float() for name, value in parts.items()}
 
 
-def build_train_step(model: ClassTokenViT, objective: WSSSObjective, cfg: TrainConfig,
+def build_train_step(model: nn.Module, objective: Objective, cfg: TrainConfig,
                      ctx: DistContext) -> nn.Module:
     """:class:`TrainStep`, wrapped in DistributedDataParallel under several processes and
     compiled with ``cfg.compile``. Its parameters are ``model``'s; save ``model`` itself."""
@@ -176,12 +178,13 @@ def training_sampler(dataset: Dataset, seed: int, ctx: DistContext) -> Distribut
 
 @dataclass
 class Run:
-    """Everything a training run holds between epochs; built by :func:`setup`."""
+    """Everything a training run holds between epochs; built by :func:`setup` (or another
+    stage's setup through :func:`assemble_run`)."""
 
     cfg: Config
     ctx: DistContext
     run_dir: Path
-    model: ClassTokenViT
+    model: nn.Module
     train_step: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -193,7 +196,8 @@ class Run:
     steps_per_epoch: int
     start_epoch: int
     step: int
-    stop: StopRequest
+    metadata: dict[str, str] = field(default_factory=dict)  # goes into every weights file
+    stop: StopRequest = field(default_factory=StopRequest)  # set by :func:`train`
     skip_batches: int = 0  # batches of start_epoch done before a mid-epoch resume
     resumed_rng: dict | None = None  # restored once the resumed epoch's iterator exists
     last_saved: str = "none (no checkpoint was written)"
@@ -204,8 +208,13 @@ class Run:
 
 
 def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = None,
-          allow_changes: bool = False) -> dict:
+          allow_changes: bool = False, *, setup_fn: SetupFn | None = None,
+          end_fn: EndOfEpochFn | None = None) -> dict:
     """Train ``cfg`` into ``cfg.out_dir``; returns the last epoch's evaluation metrics.
+
+    ``setup_fn`` / ``end_fn`` replace :func:`setup` / :func:`end_of_epoch` for another model
+    and objective (the second stage, :mod:`attnmaps.segment.train`); :func:`train_one_epoch`
+    serves both.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's checkpoint is written (on every
     process; the metrics are the same on all). Epochs before the last are scored without PAMR,
@@ -222,11 +231,12 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
         with StopRequest() as stop:
-            run = setup(cfg, ctx, resume, stop, allow_changes)
+            run = (setup_fn or setup)(cfg, ctx, resume, allow_changes)
+            run.stop = stop
             metrics: dict = {}
-            for epoch in range(run.start_epoch, cfg.train.epochs):
+            for epoch in range(run.start_epoch, run.cfg.train.epochs):
                 images_per_second = train_one_epoch(run, epoch)
-                metrics = end_of_epoch(run, epoch, images_per_second)
+                metrics = (end_fn or end_of_epoch)(run, epoch, images_per_second)
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
             return metrics
@@ -235,23 +245,10 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
             cleanup()
 
 
-def setup(cfg: Config, ctx: DistContext, resume: bool, stop: StopRequest,
-          allow_changes: bool = False) -> Run:
+def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = False) -> Run:
     """Data, model (from ``model.init_from`` unless resuming), optimiser, schedule and the
     resumed state of a run; writes the resolved config on rank 0."""
-    run_dir = Path(cfg.out_dir)
-    weights_path, _ = checkpoint_paths(run_dir)
-    if weights_path.exists() and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint ({weights_path.name}); pass --resume to continue "
-            "it or set out_dir to a new directory"
-        )
-    if resume and not weights_path.exists():
-        raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"out_dir={str(run_dir)!r} is a file; set out_dir to a directory")
-    if resume:
-        check_resume_config(run_dir, cfg, allow_changes)
+    check_run_dir(cfg, resume, allow_changes)
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -265,46 +262,85 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, stop: StopRequest,
                          init_from=None if resume else cfg.model.init_from).to(ctx.device)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
+    metadata = checkpoint_metadata(cfg.model, model.num_classes,
+                                   getattr(val_set, "class_names", None))
+    return assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set,
+                        metadata, allow_changes)
+
+
+def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
+                 objective: Objective, optimizer: torch.optim.Optimizer, train_set: Dataset,
+                 val_set: Dataset, metadata: dict[str, str], allow_changes: bool = False) -> Run:
+    """The :class:`Run` of a model, objective (``objective(model, batch, device) -> {"loss":
+    ..., other logged terms}``), optimiser and datasets: batch layout, warm-up + cosine
+    schedule, resumed state, sampler and loader; ``metadata`` goes into every weights file.
+    Writes the resolved config on rank 0."""
+    run_dir = Path(cfg.out_dir)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
     total_steps = cfg.train.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
     scheduler = warmup_cosine(optimizer, total_steps,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
-    start_epoch, step, skip_batches, resumed_rng = 0, 0, 0, None
-    if resume:
-        state = load_checkpoint(run_dir, model, map_location=ctx.device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_base_lr(scheduler, cfg.train.lr)  # a train.lr changed with --allow-changes applies
-        step = state["step"]
-        skip_batches = state.get("batches_done", steps_per_epoch)
-        if skip_batches >= steps_per_epoch:  # the saved epoch was complete
-            start_epoch, skip_batches = state["epoch"] + 1, 0
-            restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
-        else:
-            start_epoch, resumed_rng = state["epoch"], state
-        if ctx.is_main:
-            truncate_log(run_dir / "log.jsonl", step)
-            if allow_changes:
-                keep_previous_config(run_dir)
-    elif ctx.rank:
-        seed_everything(rank_seed(cfg.train.seed, ctx.rank))
     sampler = training_sampler(train_set, cfg.train.seed, ctx)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers)
+    run = Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
+              optimizer, scheduler, loader, sampler, val_set,
+              getattr(val_set, "class_names", None), batch_size, steps_per_epoch, 0, 0, metadata)
+    if resume:
+        restore_run(run, allow_changes)
+    elif ctx.rank:
+        seed_everything(rank_seed(cfg.train.seed, ctx.rank))
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    run = Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
-              optimizer, scheduler, loader, sampler, val_set,
-              getattr(val_set, "class_names", None), batch_size, steps_per_epoch, start_epoch,
-              step, stop, skip_batches, resumed_rng)
-    if resume:
-        run.last_saved = checkpoint_label(run, state["epoch"], state.get("batches_done",
-                                                                           steps_per_epoch))
     return run
+
+
+def check_run_dir(cfg: Config, resume: bool, allow_changes: bool = False) -> None:
+    """Check that ``cfg.out_dir`` is a directory that holds a checkpoint exactly when resuming,
+    and that a resumed run keeps its settings (see
+    :func:`~attnmaps.engine.resume.check_resume_config`)."""
+    run_dir = Path(cfg.out_dir)
+    weights_path, _ = checkpoint_paths(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"out_dir={str(run_dir)!r} is a file; set out_dir to a directory")
+    if weights_path.exists() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint ({weights_path.name}); pass --resume to continue "
+            "it or set out_dir to a new directory"
+        )
+    if resume and not weights_path.exists():
+        raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
+    if resume:
+        check_resume_config(run_dir, cfg, allow_changes)
+
+
+def restore_run(run: Run, allow_changes: bool) -> None:
+    """Load the run's checkpoint into ``run``: weights, optimiser, schedule (at the learning
+    rates of ``run.cfg``, so a rate changed with ``allow_changes`` applies), step and position in
+    the epoch; this rank's RNG now or, mid-epoch, once that epoch's iterator exists. Cuts the
+    log back to the checkpoint's step."""
+    ctx, seed = run.ctx, run.cfg.train.seed
+    configured = list(run.scheduler.base_lrs)
+    state = load_checkpoint(run.run_dir, run.model, map_location=ctx.device)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_base_lrs(run.scheduler, configured)
+    run.step = state["step"]
+    done = state.get("batches_done", run.steps_per_epoch)
+    if done >= run.steps_per_epoch:  # the saved epoch was complete
+        run.start_epoch = state["epoch"] + 1
+        restore_rank_rng(state, ctx, seed, run.start_epoch)
+    else:
+        run.start_epoch, run.skip_batches, run.resumed_rng = state["epoch"], done, state
+    run.last_saved = checkpoint_label(run, state["epoch"], done)
+    if ctx.is_main:
+        truncate_log(run.log_path, run.step)
+        if allow_changes:
+            keep_previous_config(run.run_dir)
 
 
 def train_one_epoch(run: Run, epoch: int) -> float:
@@ -377,7 +413,7 @@ def save_state(run: Run, epoch: int, batches_done: int) -> None:
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "rng": rng_by_rank[0], "epoch": epoch, "batches_done": batches_done,
             "step": run.step, "config": config_to_dict(run.cfg), **extra,
-        }, metadata=checkpoint_metadata(run.cfg.model, run.model.num_classes, run.class_names))
+        }, metadata=run.metadata)
     run.last_saved = checkpoint_label(run, epoch, batches_done)
 
 

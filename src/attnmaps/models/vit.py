@@ -414,7 +414,8 @@ class ClassTokenViT(nn.Module):
 
     def forward_features(self, x: Tensor, labels: Tensor | None = None,
                          attn_blocks: str | Sequence[int] = (),
-                         patch_outputs: bool = True) -> dict[str, Tensor | list[Tensor]]:
+                         patch_outputs: bool = True,
+                         patch_blocks: Sequence[int] = ()) -> dict[str, Tensor | list[Tensor]]:
         """Run the encoder.
 
         Returns a dict with ``cls`` [B,K,D], ``reg`` [B,R,D], ``patch`` [B,N,D] (final-norm
@@ -426,6 +427,10 @@ class ClassTokenViT(nn.Module):
         ``patch_outputs=False`` leaves out ``patch`` and ``reg``: nothing after the last block
         reads them, so that block updates the class tokens only (their queries still attend to
         every token). ``cls`` and ``attn`` are the same, for a fraction of the last block's cost.
+
+        ``blocks`` holds the patch tokens [B,N,D] after each block index in ``patch_blocks``
+        (before the final norm; with ``patch_outputs``), in block order: the features a
+        segmentation decoder reads.
         """
         self._check_input(x)
         wanted = set(self.resolve_attn_blocks(attn_blocks)) if attn_blocks else set()
@@ -440,6 +445,8 @@ class ClassTokenViT(nn.Module):
         depth = len(self.blocks)
         first = depth - self.class_blocks
         attn: list[Tensor] = []
+        kept: list[Tensor] = []
+        n, offset = grid[0] * grid[1], 0 if self.class_blocks else k
         for i, block in enumerate(self.blocks):
             rows_k = k if i in wanted else 0
             if i >= first:
@@ -450,12 +457,14 @@ class ClassTokenViT(nn.Module):
                 seq, rows = self._run_block(block, seq, rows_k)
             if rows is not None:
                 attn.append(rows)
+            if i in patch_blocks:
+                kept.append(seq[:, offset:offset + n])
         if not patch_outputs:
-            return {"cls": self._masked(self.norm(cls), labels), "grid": grid, "attn": attn}
+            return {"cls": self._masked(self.norm(cls), labels), "grid": grid, "attn": attn,
+                    "blocks": kept}
         tokens = self.norm(torch.cat([cls, seq], dim=1) if self.class_blocks else seq)
-        n = grid[0] * grid[1]
         return {"cls": self._masked(tokens[:, :k], labels), "patch": tokens[:, k:k + n],
-                "reg": tokens[:, k + n:], "grid": grid, "attn": attn}
+                "reg": tokens[:, k + n:], "grid": grid, "attn": attn, "blocks": kept}
 
     def _masked(self, cls: Tensor, labels: Tensor | None) -> Tensor:
         """``cls`` with the outputs of randomly chosen absent classes zeroed (training only)."""

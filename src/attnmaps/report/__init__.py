@@ -1,0 +1,1 @@
+"""Pictures and the one-file HTML report of a run (``attnmaps report``)."""

@@ -1,0 +1,40 @@
+"""Scores of a segmentation network on labelled images, without image labels: it predicts
+every pixel. Per-class IoU and the confusion matrix over the whole set, and each image's mIoU
+(for the report's best / worst gallery)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config import SegmentConfig
+from ..engine.distributed import gather_objects, shard_indices
+from ..engine.evaluate import segmentation_summary
+from ..metrics.segmentation import SegmentationMetric, confusion_matrix, metrics_from_confusion
+from ..process_group import is_distributed
+from .predict import infer_logits
+
+
+@torch.no_grad()
+def evaluate_segmenter(model: nn.Module, dataset: Dataset, seg: SegmentConfig,
+                       num_labels: int, batch_size: int = 32) -> dict:
+    """``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``, ``confusion`` (rows = ground
+    truth) and ``per_image`` ``{id: miou}`` of ``model`` on ``dataset``, inferred as
+    ``seg.inference`` says (:func:`~attnmaps.segment.predict.infer_logits`). Inside a process
+    group each process scores its shard and every process returns the whole set's metrics."""
+    model.eval()
+    device = next(model.parameters()).device
+    metric = SegmentationMetric(num_labels, device=device)
+    per_image: dict[str, float] = {}
+    if is_distributed():
+        dataset = Subset(dataset, shard_indices(len(dataset)))
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        masks = batch["mask"].to(device)
+        pred = infer_logits(model, batch["image"].to(device), seg).argmax(1)
+        metric.update(pred, masks)
+        for image_id, p, m in zip(batch["id"], pred, masks):
+            per_image[image_id] = metrics_from_confusion(confusion_matrix(p, m, num_labels))["miou"]
+    result = segmentation_summary(metric.compute())
+    result["per_image"] = {k: v for part in gather_objects(per_image) for k, v in part.items()}
+    return result

@@ -1,0 +1,259 @@
+"""Second stage: seeds with the ignore band, the loss, sliding-window inference, training and
+resume, ``attnmaps segment / predict / report`` end to end on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from attnmaps.cli import main
+from attnmaps.config import load_config, save_config
+from attnmaps.data.image_io import read_mask
+from attnmaps.data.synthetic import write_synthetic_voc
+from attnmaps.engine.train import train
+from attnmaps.models.factory import create_model
+from attnmaps.segment.loss import cross_entropy_ignore
+from attnmaps.segment.pipeline import segment_config
+from attnmaps.segment.predict import sliding_window_logits, tile_starts, whole_logits
+from attnmaps.segment.seeds import uncertain_pixels
+from attnmaps.segment.train import train_segmenter
+
+TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
+        "model.num_heads=2", "train.batch_size=8", "train.epochs=1", "train.log_every=1",
+        "model.attn_blocks=last2", "pseudo.refine_iterations=2"]
+SEGMENT = ["segment.epochs=2", "segment.batch_size=8", "segment.decoder_dim=8",
+           "segment.low_level_dim=4", "segment.ignore_margin=0.05", "segment.class_margin=0.05",
+           "data.crop_scale=0.6,1.0"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_synthetic_voc(tmp_path_factory.mktemp("synth"), num_train=16, num_val=6,
+                               size=(32, 32), seed=5)
+    run = tmp_path_factory.mktemp("stage1") / "run"
+    train(load_config(None, [*TINY, f"data.root={root}", f"out_dir={run}"]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage2") / "run"
+    assert main(["segment", "--run", str(stage1), "--out", str(out), *SEGMENT]) == 0
+    return out
+
+
+def test_loss_ignores_255() -> None:
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, :2] = 255
+    loss = cross_entropy_ignore(logits, target)
+    keep = target != 255
+    log_probs = logits.log_softmax(1).permute(0, 2, 3, 1)[keep]
+    expected = -log_probs.gather(1, target[keep][:, None]).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits.grad[0, :, :2].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
+    everything_ignored = cross_entropy_ignore(logits, torch.full_like(target, 255))
+    assert everything_ignored.item() == 0.0
+
+
+def test_ignore_band_on_a_hand_made_map() -> None:
+    # one image, 3 classes (class 2 absent), 1 x 6 pixels; threshold 0.5, margins 0.1 / 0.2
+    scores = torch.tensor([[[[0.45, 0.70, 0.90, 0.62, 0.30, 0.59]],
+                            [[0.10, 0.20, 0.80, 0.55, 0.35, 0.00]],
+                            [[0.99, 0.99, 0.99, 0.99, 0.99, 0.99]]]])
+    selected = torch.tensor([[True, True, False]])
+    band = uncertain_pixels(scores, selected, threshold=0.5, ignore_margin=0.1, class_margin=0.2)
+    # pixel: best two selected | near threshold |s1-0.5|<0.1 | both >= 0.5 and s1-s2 < 0.2
+    # 0: .45/.10 yes | 1: .70/.20 no,no | 2: .90/.80 no, yes | 3: .62/.55 no, yes
+    # 4: .35/.30 no (0.15), no | 5: .59/.00 yes
+    assert band.tolist() == [[[True, False, True, True, False, True]]]
+    nothing = uncertain_pixels(scores, selected, 0.5, ignore_margin=0.0, class_margin=0.0)
+    assert not nothing.any()
+
+
+class ConvNet(torch.nn.Module):
+    """Receptive field radius 2 (two 3x3 convolutions, zero padding)."""
+
+    size_multiple = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                                       torch.nn.Conv2d(4, 2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("size", [(21, 34), (16, 16), (7, 40), (5, 6)])
+def test_sliding_window_equals_whole_image_when_the_receptive_field_fits(size) -> None:
+    torch.manual_seed(0)
+    net, images = ConvNet(), torch.randn(2, 3, *size)
+    with torch.no_grad():
+        whole = whole_logits(net, images)
+        slid = sliding_window_logits(net, images, (12, 16), overlap=4)  # overlap // 2 = 2
+        torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
+        narrow = sliding_window_logits(net, images, (12, 16), overlap=2)  # margin 1 < radius 2
+    if size[1] > 16:
+        assert not torch.allclose(narrow, whole, atol=1e-5)
+
+
+def test_tile_starts_cover_the_length() -> None:
+    for length, size, stride in [(20, 8, 4), (8, 8, 4), (33, 16, 12)]:
+        starts = tile_starts(length, size, stride)
+        assert starts[0] == 0 and starts[-1] == length - size
+        assert all(b - a <= stride for a, b in itertools.pairwise(starts))
+
+
+def test_patch_blocks_are_the_tokens_before_the_final_norm() -> None:
+    cfg = load_config(None, TINY)
+    model = create_model(cfg.model, 3).eval()
+    out = model.forward_features(torch.randn(2, 3, 32, 40), patch_blocks=[0, 1])
+    assert [tuple(t.shape) for t in out["blocks"]] == [(2, 20, 16)] * 2
+    torch.testing.assert_close(model.norm(out["blocks"][1]), out["patch"])
+
+
+def test_segment_writes_seeds_scores_and_a_checkpoint(stage1: Path, stage2: Path) -> None:
+    metrics = json.loads((stage2 / "metrics.json").read_text())
+    for key in ("miou", "per_class_iou", "confusion", "per_image"):
+        assert key in metrics["stage2"]
+    assert len(metrics["stage2"]["per_image"]) == 6
+    seeds = metrics["seeds"]
+    assert 0 <= seeds["ignored_fraction"] < 1 and seeds["miou_true_labels"] > 0
+    seed_files = sorted((stage2 / "seeds").glob("*.png"))
+    assert len(seed_files) == 16
+    assert set(np.unique(np.concatenate([read_mask(p).ravel() for p in seed_files]))) <= \
+        set(range(5)) | {255}
+    assert metrics["stage1_val"]["miou"] >= 0
+    records = [json.loads(line) for line in (stage2 / "log.jsonl").read_text().splitlines()]
+    assert sum("eval" in r for r in records) == 2
+
+
+def test_segment_resume_equals_an_uninterrupted_run(stage1: Path, stage2: Path,
+                                                    tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    cfg = segment_config(stage1, broken, SEGMENT)
+    save_config(cfg, broken / "config.yaml")
+    shutil.copytree(stage2 / "seeds", broken / "seeds")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(epoch: int, metrics: dict) -> None:
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_segmenter(cfg, on_epoch=stop)
+    train_segmenter(cfg, resume=True)
+    a, b = load_file(stage2 / "last.safetensors"), load_file(broken / "last.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_segment_refuses_an_existing_run_without_resume(stage1: Path, stage2: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    assert main(["segment", "--run", str(stage1), "--out", str(stage2)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["segment", "--run", str(stage1), "--out", str(tmp_path / "new"),
+                 "segment.overlap=40", "segment.window=32,32"]) == 2
+    assert "segment.overlap" in capsys.readouterr().err
+
+
+def _odd_images(folder: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    files = {
+        "wide.png": Image.fromarray(rng.integers(0, 255, (23, 57, 3), dtype=np.uint8)),
+        "odd.jpg": Image.fromarray(rng.integers(0, 255, (33, 31, 3), dtype=np.uint8)),
+        "grey.png": Image.fromarray(rng.integers(0, 255, (40, 24), dtype=np.uint8), "L"),
+        "rgba.png": Image.fromarray(rng.integers(0, 255, (9, 70, 4), dtype=np.uint8), "RGBA"),
+        "wide2.png": Image.fromarray(rng.integers(0, 255, (23, 57, 3), dtype=np.uint8)),
+    }
+    for name, image in files.items():
+        image.save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    return [folder / name for name in files]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_predict_any_size_greyscale_rgba_and_a_broken_file(stage: str, request, tmp_path: Path,
+                                                           caplog) -> None:
+    run = request.getfixturevalue(stage)
+    images = _odd_images(tmp_path / "images")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(run), "--images", str(tmp_path / "images"),
+                 str(tmp_path / "missing.png"), "--out", str(out), "--batch-size", "2"])
+    assert code == 0
+    assert "broken.png" in caplog.text and "missing.png" in caplog.text
+    for path in images:
+        size = Image.open(path).size
+        mask = read_mask(out / f"{path.stem}.png")
+        assert mask.shape == (size[1], size[0]) and mask.max() <= 4
+        overlay = Image.open(out / f"{path.stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size[0] > size[0]
+
+
+def test_report_is_one_self_contained_file(stage2: Path) -> None:
+    assert main(["report", str(stage2)]) == 0
+    page = (stage2 / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "src='data:image/png" in page
+    for part in ("Per-class IoU", "Confusion matrix", "best", "worst", "circle", "Config"):
+        assert part in page
+
+
+def test_report_of_a_stage1_run_says_what_it_needs(stage1: Path, capsys) -> None:
+    assert main(["report", str(stage1)]) == 2
+    assert "attnmaps segment" in capsys.readouterr().err
+
+
+def test_smp_models_when_installed() -> None:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError as error:  # also raised where torchvision does not load
+        pytest.skip(f"segmentation_models_pytorch cannot be imported: {error}")
+    from attnmaps.segment.model import create_segmenter
+
+    cfg = load_config(None, [*TINY, "segment.arch=smp", "segment.smp_arch=Unet",
+                             "segment.smp_encoder=resnet18"])
+    net = create_segmenter(cfg.model, cfg.segment, num_classes=4, num_labels=5)
+    logits = whole_logits(net.eval(), torch.randn(1, 3, 40, 50))
+    assert logits.shape == (1, 5, 40, 50)
+    loss = cross_entropy_ignore(net(torch.randn(2, 3, 64, 64)), torch.zeros(2, 64, 64).long())
+    loss.backward()
+    assert F.relu(loss).item() >= 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(stage2: Path, tmp_path: Path) -> None:
+    main(["report", str(stage2)])
+    shot = tmp_path / "report.png"
+    script = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.sh"
+    subprocess.run(["bash", str(script), str(stage2 / "report.html"), str(shot), "800,1200"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1200, 800) and pixels.std() > 10  # not a blank page
+
+
+def test_smp_missing_names_the_extra() -> None:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("segmentation_models_pytorch is installed")
+    from attnmaps.segment.model import create_segmenter
+
+    cfg = load_config(None, [*TINY, "segment.arch=smp"])
+    with pytest.raises(ImportError, match=r"attnmaps\[smp\]"):
+        create_segmenter(cfg.model, cfg.segment, num_classes=4, num_labels=5)
