@@ -193,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--mask-fraction", type=float, default=None,
                     help="share of training frames that keep their mask (default 1)")
     rl.add_argument("--workers", type=int, default=None,
-                    help="agents trained in parallel, one thread each (default 1)")
+                    help="agents trained in parallel, one thread each (default 2)")
     rl.add_argument("--methods", nargs="+", default=None,
                     help="subset of: none camal camal_energy rrr gain l1 "
-                         "(default: none camal camal_energy l1)")
+                         "(default: none camal l1)")
     rl.set_defaults(func=_rl_bench)
     return parser
 

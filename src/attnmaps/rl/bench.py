@@ -52,15 +52,17 @@ PLOT_METRICS = ("train_return", "test_return", "energy_pointing_game", "threshol
                 "deletion_auc", "action_flip")
 
 # Guidance weight per method (the factor of its term next to PPO's loss).
-DEFAULT_WEIGHTS: dict[str, float] = {"none": 0.0, "camal": 0.1, "camal_energy": 0.1,
-                                     "rrr": 1.0, "gain": 0.1, "l1": 0.1}
+# CAMAL's was piloted on seeds 100-102 (0.01, 0.02, 0.03, 0.1; 0.03 and above stopped PPO from
+# learning); the other map losses share it; RRR's was not piloted.
+DEFAULT_WEIGHTS: dict[str, float] = {"none": 0.0, "camal": 0.02, "camal_energy": 0.02,
+                                     "rrr": 1.0, "gain": 0.02, "l1": 0.02}
 # Seeds of evaluation episodes, far from the training seeds.
 TRAIN_EVAL_SEED, TEST_EVAL_SEED, FRAMES_SEED = 1_000_000, 2_000_000, 3_000_000
 
 
 @dataclass
 class RLBenchConfig:
-    methods: list[str] = field(default_factory=lambda: ["none", "camal", "camal_energy", "l1"])
+    methods: list[str] = field(default_factory=lambda: ["none", "camal", "l1"])
     seeds: int = 5
     first_seed: int = 0
     timesteps: int = 50_000
@@ -68,7 +70,7 @@ class RLBenchConfig:
     n_steps: int = 64
     batch_size: int = 128
     n_epochs: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 2.5e-3
     ent_coef: float = 0.01
     widths: tuple[int, ...] = (8, 16, 16)
     mask_fraction: float = 1.0
@@ -76,7 +78,7 @@ class RLBenchConfig:
     eval_episodes: int = 200
     frame_episodes: int = 40
     num_faithfulness: int = 64
-    workers: int = 1
+    workers: int = 2
 
     def check(self) -> None:
         for method in self.methods:
