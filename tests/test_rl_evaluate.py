@@ -58,6 +58,7 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path, capsys) -> None:
     cfg = quick_config()
     cfg.methods, cfg.timesteps, cfg.eval_episodes = ["none", "camal"], 512, 4
     cfg.n_envs, cfg.n_steps, cfg.batch_size, cfg.widths = 2, 128, 64, (4, 8, 8)
+    cfg.workers = 1
     report = run_rl_bench(cfg, tmp_path)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rl-bench [")]
     assert len(lines) == 4 and "camal seed 1" in lines[-1]
@@ -76,6 +77,8 @@ def test_bench_and_cli_reject_bad_settings(capsys) -> None:
         RLBenchConfig(methods=["none", "cam"]).check()
     with pytest.raises(ValueError, match="timesteps"):
         RLBenchConfig(timesteps=10).check()
+    with pytest.raises(ValueError, match="mask_fraction=2"):
+        RLBenchConfig(mask_fraction=2).check()
     assert main(["rl-bench", "--methods", "nope", "--out", "/tmp/unused"]) == 2
     assert "unknown guidance method" in capsys.readouterr().err
 

@@ -93,6 +93,8 @@ class RLBenchConfig:
                              f"timesteps={self.timesteps}")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if not 0.0 <= self.mask_fraction <= 1.0:
+            raise ValueError(f"mask_fraction={self.mask_fraction} must lie in [0, 1]")
 
 
 def quick_config() -> RLBenchConfig:

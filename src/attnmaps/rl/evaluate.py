@@ -101,8 +101,8 @@ def score_frames(net: PolicyMaps, images: Tensor, masks: Tensor, num_faithfulnes
     alignment.update(maps, masks)
     result = alignment.compute()
 
-    images, maps, actions = images[:num_faithfulness], maps[:num_faithfulness], \
-        actions[:num_faithfulness]
+    images, maps = images[:num_faithfulness], maps[:num_faithfulness]
+    actions = actions[:num_faithfulness]
     rows = torch.arange(len(actions))
 
     def probability(x: Tensor) -> Tensor:
