@@ -127,27 +127,22 @@ def _parameters(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.policy.parameters()]
 
 
-def test_guided_ppo_without_guidance_is_plain_ppo_and_seeding_repeats() -> None:
-    plain = _model(cls=PPO, seed=3).learn(64)
-    none = _model(guidance="none", seed=3).learn(64)
-    again = _model(guidance="camal", guidance_weight=0.5, seed=3).learn(64)
-    camal = _model(guidance="camal", guidance_weight=0.5, seed=3).learn(64)
-    for a, b in zip(_parameters(plain), _parameters(none)):
+def test_guided_ppo_is_plain_ppo_without_masked_frames_and_repeats_with_its_seed() -> None:
+    def make(cls, mask_fraction: float, **kwargs):
+        return cls("MultiInputPolicy", _env(mask_fraction=mask_fraction), seed=3,
+                   policy_kwargs=policy_kwargs((4, 8, 8)), **PPO_ARGS, **kwargs).learn(64)
+
+    plain = make(PPO, 1.0)
+    unmasked = make(GuidedPPO, 0.0, guidance="camal")
+    camal = make(GuidedPPO, 1.0, guidance="camal", guidance_weight=0.5)
+    again = make(GuidedPPO, 1.0, guidance="camal", guidance_weight=0.5)
+    for a, b in zip(_parameters(plain), _parameters(unmasked)):
         torch.testing.assert_close(a, b)
     for a, b in zip(_parameters(again), _parameters(camal)):
         torch.testing.assert_close(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(_parameters(plain), _parameters(camal)))
     assert "evaluate_actions" not in vars(camal.policy)  # the per-train wrapper is gone
     assert not camal.policy.optimizer._optimizer_step_pre_hooks
-
-
-def test_guided_ppo_with_no_masked_frames_is_plain_ppo() -> None:
-    plain = PPO("MultiInputPolicy", _env(mask_fraction=0.0), seed=5,
-                policy_kwargs=policy_kwargs((4, 8, 8)), **PPO_ARGS).learn(64)
-    guided = GuidedPPO("MultiInputPolicy", _env(mask_fraction=0.0), seed=5, guidance="camal",
-                       policy_kwargs=policy_kwargs((4, 8, 8)), **PPO_ARGS).learn(64)
-    for a, b in zip(_parameters(plain), _parameters(guided)):
-        torch.testing.assert_close(a, b)
 
 
 def test_guided_ppo_checks_its_arguments() -> None:

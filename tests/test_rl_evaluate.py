@@ -56,7 +56,8 @@ def test_greedy_returns_and_frames_are_seeded() -> None:
 
 def test_quick_bench_writes_json_table_and_plot(tmp_path, capsys) -> None:
     cfg = quick_config()
-    cfg.methods, cfg.timesteps, cfg.eval_episodes = ["none", "camal"], 512, 4
+    cfg.methods, cfg.timesteps, cfg.eval_episodes = ["none", "camal"], 256, 4
+    cfg.frame_episodes, cfg.num_faithfulness = 2, 4
     cfg.n_envs, cfg.n_steps, cfg.batch_size, cfg.widths = 2, 128, 64, (4, 8, 8)
     cfg.workers = 1
     report = run_rl_bench(cfg, tmp_path)

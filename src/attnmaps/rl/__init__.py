@@ -20,7 +20,3 @@ def require(module: str) -> ModuleType:
         return import_module(module)
     except ImportError as error:
         raise ImportError(f"attnmaps.rl needs the package {module!r}; {EXTRA_HINT}") from error
-
-
-require("gymnasium")
-require("stable_baselines3")
