@@ -1,5 +1,5 @@
 """The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench,
-segment, predict, report."""
+segment, predict, report, rl-bench."""
 
 from __future__ import annotations
 
@@ -173,6 +173,17 @@ def add_stage2_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("run", help="run directory of 'attnmaps segment'")
     report.add_argument("--out", help="HTML path (default: RUN/report.html)")
     report.set_defaults(func=_report)
+def _rl_bench(args: argparse.Namespace) -> None:
+    from .rl.bench import RLBenchConfig, quick_config, run_rl_bench
+
+    cfg = quick_config() if args.quick else RLBenchConfig()
+    for name in ("seeds", "first_seed", "timesteps", "mask_fraction", "workers", "methods"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    report = run_rl_bench(cfg, args.out)
+    print((Path(args.out) / "rl_bench.md").read_text())
+    print(f"{report['seconds'] / 60:.1f} min; results in {args.out}/rl_bench.json and "
+          f"{args.out}/rl_bench.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.set_defaults(func=_guide_bench)
     add_stage2_commands(sub)
+
+    rl = sub.add_parser("rl-bench", help="mask-guided attention for PPO agents on catch with a "
+                                         "spurious cue (needs attnmaps[rl])")
+    rl.add_argument("--out", default="runs/rl_bench", help="output directory")
+    rl.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 2 seeds, 2k steps")
+    rl.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5)")
+    rl.add_argument("--first-seed", type=int, default=None, help="first training seed (default 0)")
+    rl.add_argument("--timesteps", type=int, default=None, help="PPO steps per agent")
+    rl.add_argument("--mask-fraction", type=float, default=None,
+                    help="share of training frames that keep their mask (default 1)")
+    rl.add_argument("--workers", type=int, default=None,
+                    help="agents trained in parallel, one thread each (default 2)")
+    rl.add_argument("--methods", nargs="+", default=None,
+                    help="subset of: none camal camal_energy rrr gain l1 "
+                         "(default: none camal l1)")
+    rl.set_defaults(func=_rl_bench)
     return parser
 
 

@@ -138,11 +138,14 @@ def score_model(model: GAPConvNet, test: CueSplit, cfg: BenchConfig) -> dict[str
     return result
 
 
-def summarise(runs: dict[str, list[dict]], methods: Sequence[str]) -> dict:
-    """Mean, std and Welch p-values vs ``none`` and vs the best baseline, per method and metric."""
+def summarise(runs: dict[str, list[dict]], methods: Sequence[str],
+              metrics: dict[str, bool] = METRICS,
+              baseline_methods: Sequence[str] = BASELINES) -> dict:
+    """Mean, std and Welch p-values vs ``none`` and vs the best baseline, per method and metric
+    (``metrics``: name -> higher is better)."""
     summary: dict[str, dict] = {}
-    baselines = [m for m in BASELINES if m in methods]
-    for metric, higher in METRICS.items():
+    baselines = [m for m in baseline_methods if m in methods]
+    for metric, higher in metrics.items():
         samples = {m: [r[metric] for r in runs[m]] for m in methods}
         best = best_method(samples, baselines, higher) if baselines else None
         for m in methods:
@@ -174,7 +177,8 @@ def format_table(summary: dict, metrics: Sequence[str] = tuple(METRICS)) -> str:
 
 def plot_summary(summary: dict, path: Path,
                  metrics: Sequence[str] = ("accuracy", "energy_pointing_game", "thresholded_iou",
-                                           "roc_auc", "deletion_auc", "insertion_auc")) -> None:
+                                           "roc_auc", "deletion_auc", "insertion_auc"),
+                 higher: dict[str, bool] = METRICS) -> None:
     """Bar chart (mean ± std over seeds) of the main metrics for every method."""
     import matplotlib
 
@@ -190,7 +194,7 @@ def plot_summary(summary: dict, path: Path,
                color=["#888888" if m == "none" else "#d62728" if m.startswith("camal")
                       else "#1f77b4" for m in methods])
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
-        arrow = "↑" if METRICS[metric] else "↓"
+        arrow = "↑" if higher[metric] else "↓"
         ax.set_title(f"{metric} {arrow}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
