@@ -21,6 +21,7 @@ from attnmaps.data.cutout_scenes import (
     write_cutout_scenes,
     write_cutout_voc,
 )
+from attnmaps.data.synthetic import texture
 from attnmaps.data.voc import VOCDataset
 
 
@@ -56,8 +57,6 @@ def test_masks_match_the_pasted_pixels_and_background_is_untouched() -> None:
         rng = np.random.default_rng([1, index])
         image, mask = render_scene(pools, rng, size=(40, 40), noise=0.0)
         background_rng = np.random.default_rng([1, index])
-        from attnmaps.data.synthetic import texture
-
         background = (texture(background_rng, 40, 40, contrast=0.5) * 255).round()
         untouched = np.abs(image.astype(float) - background).max(-1) <= 1
         assert untouched[mask == 0].all()  # background pixels are the background texture
@@ -69,7 +68,7 @@ def test_masks_match_the_pasted_pixels_and_background_is_untouched() -> None:
 
 def test_void_border_surrounds_every_object() -> None:
     pools = split_pools(_toy_set())[0]
-    image, mask = render_scene(pools, np.random.default_rng(3), size=(48, 48), noise=0.0)
+    _, mask = render_scene(pools, np.random.default_rng(3), size=(48, 48), noise=0.0)
     objects = (mask > 0) & (mask != IGNORE)
     padded = np.pad(objects, 1)
     neighbour_of_object = (padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2]

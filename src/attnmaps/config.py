@@ -93,6 +93,11 @@ class TrainConfig:
     mask_fraction: float = 0.0
     guide_weight: float = 1.0
     guide_form: str = field(default="contrast", metadata={"choices": ("contrast", "energy")})
+    prior_bias: bool = False
+    ema_decay: float = 0.0
+    mix: str = field(default="none", metadata={"choices": ("none", "mixup", "cutmix")})
+    mix_alpha: float = 1.0
+    mix_prob: float = 0.5
 
 
 @dataclass
@@ -300,6 +305,12 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
         raise ValueError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
                          f"(class tokens in every block) up to model.depth={cfg.model.depth}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ValueError(f"Config key 'train.ema_decay' is {cfg.train.ema_decay}; expected 0 (off) "
+                         "or a decay in (0, 1), e.g. 0.998")
+    if cfg.train.mix_alpha <= 0 or not 0.0 <= cfg.train.mix_prob <= 1.0:
+        raise ValueError(f"Config keys 'train.mix_alpha'={cfg.train.mix_alpha} (expected > 0) and "
+                         f"'train.mix_prob'={cfg.train.mix_prob} (expected in [0, 1])")
     scales = cfg.pseudo.tta_scales
     if not scales or min(scales) <= 0:
         raise ValueError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "

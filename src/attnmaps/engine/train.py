@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
 from ..data.mask_budget import MaskBudget
+from ..data.mixing import mix_batch
 from ..data.registry import build_dataset
 from ..metrics.report import to_jsonable
 from ..models.convert import is_attnmaps_checkpoint, load_pretrained
@@ -61,7 +62,9 @@ from .distributed import (
     is_main_process,
     sync_buffers,
 )
+from .ema import build_ema, ema_state
 from .evaluate import evaluate
+from .label_prior import init_head_bias, label_frequencies
 from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
 
@@ -234,6 +237,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                               train_set.has_background)
     if cfg.model.init_from and not resume:
         init_weights(cfg.model, model)
+    if cfg.train.prior_bias and not resume:
+        init_head_bias(model, label_frequencies(train_set))
     model = model.to(device)
     batch_size, steps_per_epoch = batch_layout(cfg.train.batch_size, len(train_set),
                                                ctx.world_size)
@@ -251,6 +256,7 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         restore_rank_rng(state, ctx, cfg.train.seed, start_epoch)
     elif ctx.rank:
         seed_everything(rank_seed(cfg.train.seed, ctx.rank))
+    ema = build_ema(model, cfg.train.ema_decay, state if resume else None)
     train_step = build_train_step(model, objective, cfg.train, ctx)
     sampler = ShardedSampler(len(train_set), cfg.train.seed, ctx.rank, ctx.world_size)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -267,6 +273,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                    dynamic_ncols=True, mininterval=2.0, disable=not ctx.is_main)
         started = time.time()
         for batch in bar:
+            if cfg.train.mix != "none" and torch.rand(()).item() < cfg.train.mix_prob:
+                batch = mix_batch(batch, cfg.train.mix, cfg.train.mix_alpha)
             parts = train_step(batch)
             means = all_reduce_mean(torch.stack([value.detach() for value in parts.values()]))
             values = dict(zip(parts, means.tolist()))
@@ -281,6 +289,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             refresh=False)
@@ -290,10 +300,11 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
         images_per_second = (steps_per_epoch * batch_size * ctx.world_size
                              / (time.time() - started))
         sync_buffers(model)
+        scored = model if ema is None else ema.module
         last = epoch == cfg.train.epochs - 1
         settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
                                                    tta_scales=[1.0], tta_flip=False)
-        metrics = evaluate(model, val_set, settings, cfg.model.attn_blocks, device,
+        metrics = evaluate(scored, val_set, settings, cfg.model.attn_blocks, device,
                            batch_size=batch_size, has_background=val_set.has_background,
                            precision=cfg.train.precision)
         metrics["images_per_second"] = images_per_second
@@ -302,10 +313,10 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
             summary = {key: value for key, value in metrics.items() if key != "confusion"}
             append_log(log_path, {"epoch": epoch, "step": step, "eval": summary})
             extra = {"rng_by_rank": rng_by_rank} if ctx.world_size > 1 else {}
-            save_checkpoint(run_dir, model, {
+            save_checkpoint(run_dir, scored, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_by_rank[0], "epoch": epoch, "step": step,
-                "config": config_to_dict(cfg), **extra,
+                "config": config_to_dict(cfg), **extra, **ema_state(ema, model),
             })
             tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}: mAP {metrics['map']:.3f}  "
                        f"pseudo-mask mIoU {metrics['miou']:.3f}  heads closed "
