@@ -44,6 +44,7 @@ class ModelConfig:
     mask_rate: float = 0.5
     class_blocks: int = 0
     grad_checkpointing: bool = False
+    gate_init: float | None = None
     attention_kernel: str = field(default="auto",
                                   metadata={"choices": ("auto", "fused", "explicit")})
     attn_blocks: str = field(
@@ -98,6 +99,7 @@ class TrainConfig:
     mix: str = field(default="none", metadata={"choices": ("none", "mixup", "cutmix")})
     mix_alpha: float = 1.0
     mix_prob: float = 0.5
+    gate_lr_scale: float = 1.0
 
 
 @dataclass
@@ -308,6 +310,9 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ValueError(f"Config key 'train.ema_decay' is {cfg.train.ema_decay}; expected 0 (off) "
                          "or a decay in (0, 1), e.g. 0.998")
+    if cfg.train.gate_lr_scale <= 0:
+        raise ValueError(f"Config key 'train.gate_lr_scale' is {cfg.train.gate_lr_scale}; expected "
+                         "a positive multiple of train.lr for the head gates")
     if cfg.train.mix_alpha <= 0 or not 0.0 <= cfg.train.mix_prob <= 1.0:
         raise ValueError(f"Config keys 'train.mix_alpha'={cfg.train.mix_alpha} (expected > 0) and "
                          f"'train.mix_prob'={cfg.train.mix_prob} (expected in [0, 1])")

@@ -64,6 +64,7 @@ from .distributed import (
 )
 from .ema import build_ema, ema_state
 from .evaluate import evaluate
+from .gate_schedule import scale_gate_lr, set_gate_init
 from .label_prior import init_head_bias, label_frequencies
 from .objective import WSSSObjective
 from .optim import build_optimizer, warmup_cosine
@@ -237,6 +238,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                               train_set.has_background)
     if cfg.model.init_from and not resume:
         init_weights(cfg.model, model)
+    if cfg.model.gate_init is not None and not resume:
+        set_gate_init(model, cfg.model.gate_init)
     if cfg.train.prior_bias and not resume:
         init_head_bias(model, label_frequencies(train_set))
     model = model.to(device)
@@ -244,6 +247,8 @@ def _train(cfg: Config, ctx: DistContext, resume: bool, on_epoch: EpochCallback 
                                                ctx.world_size)
     total_steps = cfg.train.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
+    if cfg.train.gate_lr_scale != 1.0:
+        scale_gate_lr(optimizer, cfg.train.gate_lr_scale)
     scheduler = warmup_cosine(optimizer, total_steps,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
