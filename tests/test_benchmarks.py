@@ -53,3 +53,19 @@ def test_class_attention_keeps_less_than_all_blocks_at_many_classes(tmp_path: Pa
     saved = run_benchmark("num_classes_scaling", TINY, tmp_path)["saved_for_backward_bytes"]
     assert saved["class attention:151"] < saved["all blocks:151"]
     assert saved["all blocks:20"] < saved["all blocks:151"]
+
+
+@pytest.mark.slow
+def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
+    pytest.importorskip("mlxtend")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
+                           "--out", str(tmp_path)], check=False, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "small_data_tune.json").read_text())
+    assert 0.0 <= report["floor_miou"] <= 1.0
+    assert set(report["summary"]) == {"recipe", "no prior bias"}
+    for row in report["summary"].values():
+        for key in ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels"):
+            assert 0.0 <= row[key][0] <= 1.0
+        assert row["train_cpu_seconds"][0] > 0
