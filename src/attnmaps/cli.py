@@ -1,4 +1,5 @@
-"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench."""
+"""The ``attnmaps`` command: demo, synth, train, pretrain, pseudo-masks, evaluate, sweep, stats,
+guide-bench."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def _train(args: argparse.Namespace) -> None:
     if is_main_process():
         print(f"run directory: {cfg.out_dir}  "
               f"pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .engine.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    result = pretrain(cfg)
+    print(f"masked-patch L1 {result['loss']:.4f}; start training with "
+          f"model.init_from={Path(cfg.out_dir) / 'last.safetensors'}")
 
 
 def _pseudo_masks(args: argparse.Namespace) -> None:
@@ -139,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     train.add_argument("overrides", nargs="*", help="config overrides key=value")
     train.set_defaults(func=_train)
+
+    pre = sub.add_parser("pretrain", help="self-supervised masked image modelling (SimMIM) on the "
+                         "training images; its checkpoint starts 'train' via model.init_from")
+    pre.add_argument("--config", help="YAML config file (model, data; pretrain.* keys)")
+    pre.add_argument("overrides", nargs="*",
+                     help="config overrides, e.g. pretrain.epochs=10 pretrain.mask_ratio=0.6")
+    pre.set_defaults(func=_pretrain)
 
     pseudo = sub.add_parser("pseudo-masks", help="write pseudo masks from a trained run")
     pseudo.add_argument("--run", required=True, help="run directory written by 'attnmaps train'")

@@ -114,11 +114,21 @@ class PseudoMaskConfig:
 
 
 @dataclass
+class PretrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_epochs: float = 1.0
+    mask_ratio: float = 0.6
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     out_dir: str = "runs/default"
 
 
@@ -310,6 +320,9 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ValueError(f"Config key 'train.ema_decay' is {cfg.train.ema_decay}; expected 0 (off) "
                          "or a decay in (0, 1), e.g. 0.998")
+    if not 0.0 < cfg.pretrain.mask_ratio < 1.0:
+        raise ValueError(f"Config key 'pretrain.mask_ratio' is {cfg.pretrain.mask_ratio}; expected "
+                         "a fraction of the patches in (0, 1), e.g. 0.6")
     if cfg.train.gate_lr_scale <= 0:
         raise ValueError(f"Config key 'train.gate_lr_scale' is {cfg.train.gate_lr_scale}; expected "
                          "a positive multiple of train.lr for the head gates")
