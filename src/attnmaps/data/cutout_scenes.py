@@ -39,6 +39,7 @@ from .transforms import IGNORE
 VOID_LOW = 0.05
 LABEL_ALPHA = 0.5
 MAX_HIDDEN = 0.5
+TINT_CONTRAST = 0.15  # a faint pattern: strong stripes inside thin strokes break up their shape
 SPLITS = ("train", "tune", "val")
 POOL_FRACTIONS = (0.7, 0.15, 0.15)
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -231,10 +232,11 @@ def render_scene(pools: list[list[Cutout]], rng: np.random.Generator,
 
 def _contrasting_texture(rng: np.random.Generator, height: int, width: int,
                          background: np.ndarray, min_difference: float = 0.25) -> np.ndarray:
-    """A random texture whose mean colour differs from ``background`` by at least
-    ``min_difference`` (mean absolute channel difference), within 20 draws."""
+    """A random texture of contrast ``TINT_CONTRAST`` whose mean colour differs from
+    ``background`` by at least ``min_difference`` (mean absolute channel difference), within 20
+    draws."""
     for _ in range(20):
-        fill = texture(rng, height, width, contrast=0.35)
+        fill = texture(rng, height, width, contrast=TINT_CONTRAST)
         if np.abs(fill.mean((0, 1)) - background).mean() >= min_difference:
             break
     return fill
