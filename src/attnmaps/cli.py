@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="config overrides key=value")
     demo.set_defaults(func=_demo)
 
-    synth = sub.add_parser("synth", help="write the synthetic shapes dataset in the VOC layout")
+    synth = sub.add_parser("synth", help="write the synthetic shapes dataset, or with --cutouts "
+                           "scenes of pasted object cutouts, in the VOC layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-val", type=int, default=200)
