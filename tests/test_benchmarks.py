@@ -60,3 +60,19 @@ def test_crf_speed_reports_both_backends_and_their_agreement(tmp_path: Path) -> 
     assert result["seconds_per_image"]["torch"] > 0
     if "pydensecrf" in result["seconds_per_image"]:
         assert result["synthetic_pixels_agree"] >= 0.95
+
+
+@pytest.mark.slow
+def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
+    pytest.importorskip("mlxtend")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
+                           "--out", str(tmp_path)], check=False, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "small_data_tune.json").read_text())
+    assert 0.0 <= report["floor_miou"] <= 1.0
+    assert set(report["summary"]) == {"recipe", "no prior bias"}
+    for row in report["summary"].values():
+        for key in ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels"):
+            assert 0.0 <= row[key][0] <= 1.0
+        assert row["train_cpu_seconds"][0] > 0

@@ -118,7 +118,7 @@ WRITERS = {"voc": _write_voc, "coco": _write_coco, "ade20k": _write_ade20k,
 
 def test_every_shipped_yaml_is_covered():
     shipped = {p.stem for p in preset("demo").parent.glob("*.yaml")}
-    assert shipped == {"demo", *PRESETS, *(f"{name}_cpu" for name in PRESETS)}
+    assert shipped == {"demo", "digits", *PRESETS, *(f"{name}_cpu" for name in PRESETS)}
 
 
 @pytest.mark.parametrize("name", [*PRESETS, *(f"{p}_cpu" for p in PRESETS)])

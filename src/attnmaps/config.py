@@ -59,6 +59,7 @@ class ModelConfig:
     mask_rate: float = field(default=0.5, metadata=_FRACTION)
     class_blocks: int = field(default=0, metadata=_NON_NEGATIVE)
     grad_checkpointing: bool = False
+    gate_init: float | None = None
     attention_kernel: str = field(default="auto",
                                   metadata={"choices": ("auto", "fused", "explicit")})
     attn_blocks: str = field(
@@ -115,6 +116,12 @@ class TrainConfig:
     mask_fraction: float = field(default=0.0, metadata=_FRACTION)
     guide_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     guide_form: str = field(default="contrast", metadata={"choices": ("contrast", "energy")})
+    prior_bias: bool = False
+    ema_decay: float = 0.0
+    mix: str = field(default="none", metadata={"choices": ("none", "mixup", "cutmix")})
+    mix_alpha: float = 1.0
+    mix_prob: float = 0.5
+    gate_lr_scale: float = 1.0
 
 
 @dataclass
@@ -172,12 +179,22 @@ class SegmentConfig:
 
 
 @dataclass
+class PretrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_epochs: float = 1.0
+    mask_ratio: float = 0.6
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     out_dir: str = "runs/default"
 
 
@@ -393,6 +410,18 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
         raise ConfigError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
                          f"(class tokens in every block) up to model.depth={cfg.model.depth}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"Config key 'train.ema_decay' is {cfg.train.ema_decay}; expected 0 (off) "
+                         "or a decay in (0, 1), e.g. 0.998")
+    if not 0.0 < cfg.pretrain.mask_ratio < 1.0:
+        raise ConfigError(f"Config key 'pretrain.mask_ratio' is {cfg.pretrain.mask_ratio}; expected "
+                         "a fraction of the patches in (0, 1), e.g. 0.6")
+    if cfg.train.gate_lr_scale <= 0:
+        raise ConfigError(f"Config key 'train.gate_lr_scale' is {cfg.train.gate_lr_scale}; expected "
+                         "a positive multiple of train.lr for the head gates")
+    if cfg.train.mix_alpha <= 0 or not 0.0 <= cfg.train.mix_prob <= 1.0:
+        raise ConfigError(f"Config keys 'train.mix_alpha'={cfg.train.mix_alpha} (expected > 0) and "
+                         f"'train.mix_prob'={cfg.train.mix_prob} (expected in [0, 1])")
     scales = cfg.pseudo.tta_scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
@@ -417,8 +446,8 @@ def _validate_segment(seg: SegmentConfig) -> None:
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise ValueError(f"Config key 'segment.{key}' is {getattr(seg, key)!r}; expected "
+            raise ConfigError(f"Config key 'segment.{key}' is {getattr(seg, key)!r}; expected "
                              f"{expected}")
     if seg.window is not None and seg.overlap >= min(seg.window):
-        raise ValueError(f"Config key 'segment.overlap' is {seg.overlap}; expected fewer pixels "
+        raise ConfigError(f"Config key 'segment.overlap' is {seg.overlap}; expected fewer pixels "
                          f"than the sliding window segment.window={seg.window}")

@@ -50,6 +50,7 @@ from ..checkpoint import (
 )
 from ..config import Config, TrainConfig, config_to_dict, save_config
 from ..data.mask_budget import MaskBudget
+from ..data.mixing import mix_batch
 from ..data.registry import build_dataset
 from ..errors import TrainingDiverged
 from ..metrics.report import to_jsonable
@@ -66,8 +67,11 @@ from .distributed import (
     init_distributed,
     sync_buffers,
 )
+from .ema import ModelEMA, build_ema, ema_state
 from .evaluate import eval_options, evaluate
+from .gate_schedule import scale_gate_lr, set_gate_init
 from .interrupt import Interrupted, StopRequest
+from .label_prior import init_head_bias, label_frequencies
 from .objective import WSSSObjective
 from .optim import build_optimizer, set_base_lrs, warmup_cosine
 from .resume import (
@@ -201,6 +205,12 @@ class Run:
     skip_batches: int = 0  # batches of start_epoch done before a mid-epoch resume
     resumed_rng: dict | None = None  # restored once the resumed epoch's iterator exists
     last_saved: str = "none (no checkpoint was written)"
+    ema: ModelEMA | None = None  # weight average (train.ema_decay), evaluated and saved
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def log_path(self) -> Path:
@@ -259,10 +269,17 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
         train_set = MaskBudget(train_set, cfg.train.mask_fraction, seed=cfg.train.seed + 7_777_777)
         train_set.require_masks()
     model = create_model(cfg.model, train_set.num_classes,
-                         init_from=None if resume else cfg.model.init_from).to(ctx.device)
+                         init_from=None if resume else cfg.model.init_from)
+    if cfg.model.gate_init is not None and not resume:
+        set_gate_init(model, cfg.model.gate_init)
+    if cfg.train.prior_bias and not resume:
+        init_head_bias(model, label_frequencies(train_set))
+    model = model.to(ctx.device)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
+    if cfg.train.gate_lr_scale != 1.0:
+        scale_gate_lr(optimizer, cfg.train.gate_lr_scale)
     metadata = checkpoint_metadata(cfg.model, model.num_classes,
                                    getattr(val_set, "class_names", None))
     return assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set,
@@ -291,8 +308,10 @@ def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
               getattr(val_set, "class_names", None), batch_size, steps_per_epoch, 0, 0, metadata)
     if resume:
         restore_run(run, allow_changes)
-    elif ctx.rank:
-        seed_everything(rank_seed(cfg.train.seed, ctx.rank))
+    else:
+        run.ema = build_ema(model, cfg.train.ema_decay)
+        if ctx.rank:
+            seed_everything(rank_seed(cfg.train.seed, ctx.rank))
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -329,6 +348,7 @@ def restore_run(run: Run, allow_changes: bool) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_base_lrs(run.scheduler, configured)
+    run.ema = build_ema(run.model, run.cfg.train.ema_decay, state)
     run.step = state["step"]
     done = state.get("batches_done", run.steps_per_epoch)
     if done >= run.steps_per_epoch:  # the saved epoch was complete
@@ -363,6 +383,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
                    total=run.steps_per_epoch - skip)
     started = time.time()
     for done, batch in enumerate(bar, start=skip + 1):
+        if cfg.train.mix != "none" and torch.rand(()).item() < cfg.train.mix_prob:
+            batch = mix_batch(batch, cfg.train.mix, cfg.train.mix_alpha)
         parts = run.train_step(batch)
         stop_flag = parts["loss"].new_tensor(float(run.stop.signal > 0))
         means = all_reduce_mean(torch.stack([*(v.detach() for v in parts.values()), stop_flag]))
@@ -378,6 +400,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
         run.step += 1
         lr = run.scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -399,7 +423,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
 def save_state(run: Run, epoch: int, batches_done: int) -> None:
     """Checkpoint the run after ``batches_done`` batches of ``epoch`` (rank 0 writes; every
     process takes part). Non-finite weights are never saved over the last good state."""
-    bad = [name for name, value in run.model.state_dict().items()
+    weights = run.scored_model
+    bad = [name for name, value in weights.state_dict().items()
            if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
         raise TrainingDiverged(
@@ -409,10 +434,11 @@ def save_state(run: Run, epoch: int, batches_done: int) -> None:
     rng_by_rank = gather_objects(capture_rng_state())
     if run.ctx.is_main:
         extra = {"rng_by_rank": rng_by_rank} if run.ctx.world_size > 1 else {}
-        save_checkpoint(run.run_dir, run.model, {
+        save_checkpoint(run.run_dir, weights, {
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "rng": rng_by_rank[0], "epoch": epoch, "batches_done": batches_done,
             "step": run.step, "config": config_to_dict(run.cfg), **extra,
+            **ema_state(run.ema, run.model),
         }, metadata=run.metadata)
     run.last_saved = checkpoint_label(run, epoch, batches_done)
 
@@ -431,7 +457,7 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     last = epoch == cfg.train.epochs - 1
     settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
                                                tta_scales=[1.0], tta_flip=False)
-    metrics = evaluate(run.model, run.val_set, settings,
+    metrics = evaluate(run.scored_model, run.val_set, settings,
                        **{**eval_options(cfg), "batch_size": run.batch_size})
     metrics["images_per_second"] = images_per_second
     save_state(run, epoch, run.steps_per_epoch)

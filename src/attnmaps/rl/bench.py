@@ -26,7 +26,6 @@ from ..atomic import atomic_write
 from ..guide.bench import format_table, plot_summary, summarise
 from ..metrics.report import to_jsonable
 from ..progress import logger
-from ..progress import logger
 from . import require
 from .catch import make_catch
 from .evaluate import greedy_returns, held_out_frames, score_frames

@@ -92,7 +92,8 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
     labels = num_labels(run.val_set)
-    metrics = evaluate_segmenter(run.model, run.val_set, cfg.segment, labels, run.batch_size)
+    metrics = evaluate_segmenter(run.scored_model, run.val_set, cfg.segment, labels,
+                                 run.batch_size)
     metrics["images_per_second"] = images_per_second
     save_state(run, epoch, run.steps_per_epoch)
     if ctx.is_main:

