@@ -103,8 +103,8 @@ def _sweep(args: argparse.Namespace) -> None:
         print(f"threshold {float(threshold):.2f}: mIoU {miou:.3f}{marker}")
     if args.label_free:
         chosen = result["label_free"]
-        print(f"label-free threshold {chosen['threshold']:.2f}: mIoU {chosen['miou']:.3f} "
-              f"({chosen['gap_to_best']:+.3f} below the pixel-label best; {chosen['method']})")
+        print(f"label-free threshold {chosen['threshold']:.2f}: mIoU {chosen['miou']:.3f}, "
+              f"{chosen['gap_to_best']:.3f} below the pixel-label best ({chosen['method']})")
     print(f"written to {Path(args.run) / 'sweep.json'}")
 
 

@@ -88,10 +88,6 @@ class PermutohedralLattice:
         position = torch.searchsorted(self.vertices, packed).clamp_max(len(self.vertices) - 1)
         return torch.where(self.vertices[position] == packed, position, -1)
 
-    def __len__(self) -> int:
-        """The number of points."""
-        return self.slice.shape[0]
-
     def filter(self, values: Tensor) -> Tensor:
         """Gaussian-filtered ``values`` [N,V] (splat, blur, slice), float32."""
         lattice = self.splat @ values.float()
