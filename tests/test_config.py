@@ -63,7 +63,7 @@ def test_apply_overrides_returns_copy_and_last_wins():
         ("train.lrr=1", (r"'train\.lrr'.*Did you mean 'train\.lr'\?.*section 'train': epochs, "
                         r"batch_size, lr, min_lr")),
         ("foo.x=1", (r"Unknown config key 'foo'\. Valid keys in the top level: model, data, "
-                    r"train, pseudo, out_dir")),
+                    r"train, pseudo, segment, out_dir")),
         ("modl.depth=2", r"Unknown config key 'modl'\. Did you mean 'model'\?"),
         ("train.lr.x=1", r"'train\.lr' is not a section, so 'train\.lr\.x' does not exist"),
         ("model=3", r"'model' is a section; expected a mapping, got 3"),
@@ -158,6 +158,21 @@ def test_config_to_dict_is_plain_nested_dict():
     d = config_to_dict(Config())
     assert d["model"]["img_size"] == [64, 64]
     assert d["train"]["grad_clip"] == 1.0
-    assert set(d) == {"model", "data", "train", "pseudo", "out_dir"}
+    assert set(d) == {"model", "data", "train", "pseudo", "segment", "out_dir"}
     d["model"]["img_size"].append(1)
     assert Config().model.img_size == [64, 64]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("segment.ignore_margin=1.5", r"'segment\.ignore_margin' is 1\.5; expected a score margin"),
+        ("segment.epochs=0", r"'segment\.epochs' is 0; expected at least 1"),
+        ("segment.arch=vit", r"'segment\.arch': got 'vit', expected one of 'vit_mlp', 'smp'"),
+        ("segment.window=[16,16]", r"'segment\.overlap' is 16; expected fewer pixels"),
+        ("segment.max_images=-1", r"'segment\.max_images' is -1"),
+    ],
+)
+def test_segment_section_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
