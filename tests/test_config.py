@@ -161,3 +161,18 @@ def test_config_to_dict_is_plain_nested_dict():
     assert set(d) == {"model", "data", "train", "pseudo", "segment", "pretrain", "out_dir"}
     d["model"]["img_size"].append(1)
     assert Config().model.img_size == [64, 64]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("segment.ignore_margin=1.5", r"'segment\.ignore_margin' is 1\.5; expected a score margin"),
+        ("segment.epochs=0", r"'segment\.epochs' is 0; expected at least 1"),
+        ("segment.arch=vit", r"'segment\.arch': got 'vit', expected one of 'vit_mlp', 'smp'"),
+        ("segment.window=[16,16]", r"'segment\.overlap' is 16; expected fewer pixels"),
+        ("segment.max_images=-1", r"'segment\.max_images' is -1"),
+    ],
+)
+def test_segment_section_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
