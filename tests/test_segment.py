@@ -193,7 +193,8 @@ def test_predict_any_size_greyscale_rgba_and_a_broken_file(stage: str, request, 
     images = _odd_images(tmp_path / "images")
     out = tmp_path / "out"
     code = main(["predict", "--model", str(run), "--images", str(tmp_path / "images"),
-                 str(tmp_path / "missing.png"), "--out", str(out), "--batch-size", "2"])
+                 str(tmp_path / "missing.png"), "--out", str(out), "--batch-size", "2",
+                 "--inference", "resize"])
     assert code == 0
     assert "broken.png" in caplog.text and "missing.png" in caplog.text
     for path in images:

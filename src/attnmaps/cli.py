@@ -151,7 +151,7 @@ def _predict(args: argparse.Namespace) -> None:
     from .segment.images import predict_files
     from .segment.predictors import load_predictor
 
-    predictor = load_predictor(Path(args.model), args.device)
+    predictor = load_predictor(Path(args.model), args.device, args.inference)
     result = predict_files(predictor, [Path(p) for p in args.images], Path(args.out),
                            batch_size=args.batch_size)
     print(f"{predictor.kind}: {len(result['written'])} masks and overlays written to {args.out}"
@@ -182,6 +182,8 @@ def add_stage2_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", required=True, help="directory for masks and overlays")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    predict.add_argument("--inference", choices=("slide", "whole", "resize"),
+                         help="stage 2: replaces the run's segment.inference")
     predict.set_defaults(func=_predict)
 
     report = sub.add_parser("report", help="one self-contained HTML page for a second-stage run")

@@ -30,7 +30,6 @@ from ..data.registry import build_dataset
 from ..viz import colorize
 
 GALLERY_SIZE = 4
-PANEL_PX = 128
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
@@ -38,7 +37,7 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border:1px s
 th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{background:#4a7fd4;height:12px;display:inline-block;vertical-align:middle}
 .bar.s1{background:#d49a4a}.cm td{width:46px;text-align:center}
-img.panel{width:128px;height:auto;image-rendering:pixelated;margin:1px}
+img.panel{width:100px;height:auto;image-rendering:pixelated;margin:1px}
 .caption{font-size:11px;color:#555}pre{background:#f7f7f7;padding:8px;font-size:11px}
 """
 

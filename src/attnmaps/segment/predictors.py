@@ -9,6 +9,7 @@ PAMR-refined, min-max normalized attention (stage 1), for pictures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,9 +99,11 @@ class ClassTokenPredictor(Predictor):
         return masks, scores
 
 
-def load_predictor(run_dir: Path, device: str = "auto") -> Predictor:
-    """The predictor of a run directory: stage 2 when its weights are a second-stage network,
-    else the stage-1 class-token model."""
+def load_predictor(run_dir: Path, device: str = "auto",
+                   inference: str | None = None) -> Predictor:
+    """The predictor of a run directory: stage 2 when its weights are a second-stage network
+    (``inference`` replaces its ``segment.inference`` when given), else the stage-1 class-token
+    model (which always sees the image resized to its training size)."""
     config_path = run_dir / "config.yaml"
     weights, _ = checkpoint_paths(run_dir)
     for path in (config_path, weights):
@@ -114,6 +117,8 @@ def load_predictor(run_dir: Path, device: str = "auto") -> Predictor:
     target = resolve_device(device)
     if is_segmenter(weights):
         net, seg, names = load_segmenter(weights)
+        if inference is not None:
+            seg = dataclasses.replace(seg, inference=inference)
         num_classes = int(read_metadata(weights)["num_classes"])
         return SegmenterPredictor(net, seg, names or default_names(num_classes), num_classes,
                                   cfg, target)
