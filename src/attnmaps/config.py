@@ -404,9 +404,6 @@ def _validate(cfg: Config) -> None:
                 f"Config key 'data.{name}' has {len(values)} values {values}, expected one per "
                 f"input channel (model.in_chans={channels})"
             )
-    if not 0.0 <= cfg.train.mask_fraction <= 1.0:
-        raise ConfigError(f"Config key 'train.mask_fraction' is {cfg.train.mask_fraction}; expected "
-                         "a fraction of the training images in [0, 1]")
     if not 0 <= cfg.model.class_blocks <= cfg.model.depth:
         raise ConfigError(f"Config key 'model.class_blocks' is {cfg.model.class_blocks}; expected 0 "
                          f"(class tokens in every block) up to model.depth={cfg.model.depth}")

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..atomic import atomic_write
 from ..config import Config, config_to_dict
+from ..conventions import IGNORE_INDEX
 from ..errors import ConfigError, DataError
 
 # Keys that may change on resume without changing what the run computes (or that only extend
@@ -108,7 +109,7 @@ def check_masks(dataset: Dataset, split: str) -> None:
         if not sample.get("has_mask", True):
             continue
         values = np.unique(sample["mask"].numpy())
-        bad = values[(values >= num_labels) & (values != 255)]
+        bad = values[(values >= num_labels) & (values != IGNORE_INDEX)]
         if bad.size:
             raise DataError(f"split {split!r}, image {sample['id']!r}: mask values "
-                            f"{bad.tolist()} outside 0..{num_labels - 1} (255 = ignore)")
+                            f"{bad.tolist()} outside 0..{num_labels - 1} ({IGNORE_INDEX} = ignore)")
