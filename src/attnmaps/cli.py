@@ -29,10 +29,15 @@ def _synth(args: argparse.Namespace) -> None:
 
         root = write_cutout_scenes(args)
     else:
-        root = write_synthetic_voc(args.out, num_train=args.num_train, num_val=args.num_val,
+        root = write_synthetic_voc(args.out, num_train=_or(args.num_train, 4000),
+                                   num_val=_or(args.num_val, 200),
                                    size=(args.size or 64,) * 2, seed=args.seed,
                                    colors=args.colors)
     print(f"wrote the dataset to {root}")
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -221,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="write the synthetic shapes dataset, or with --cutouts "
                            "scenes of pasted object cutouts, in the VOC layout")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--num-train", type=int, default=4000)
-    synth.add_argument("--num-val", type=int, default=200)
+    synth.add_argument("--num-train", type=int, default=None,
+                       help="training images (default 4000 for shapes, 3000 for cutouts)")
+    synth.add_argument("--num-val", type=int, default=None,
+                       help="validation images (default 200 for shapes, 500 for cutouts)")
     synth.add_argument("--size", type=int, default=None,
                        help="image side (default 64 for shapes, 96 for cutouts)")
     synth.add_argument("--cutouts", default=None,
