@@ -66,6 +66,8 @@ class ModelConfig:
         default="last",
         metadata={"pattern": (r"all|last([1-9][0-9]*)?", "'last', 'last<n>' (n >= 1) or 'all'")},
     )
+    # auxiliary max-pooled patch classifier, trained with weight train.patch_loss_weight
+    patch_head: bool = False
     init_from: str | None = None
     adapt_channels: bool = False
     adapt_patch_size: bool = False
@@ -122,6 +124,8 @@ class TrainConfig:
     mix_alpha: float = 1.0
     mix_prob: float = 0.5
     gate_lr_scale: float = 1.0
+    patch_loss_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    attention_pool_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
 
 
 @dataclass

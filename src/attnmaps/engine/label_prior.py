@@ -40,9 +40,12 @@ def prior_logits(frequencies: Tensor, min_frequency: float = MIN_FREQUENCY) -> T
 
 @torch.no_grad()
 def init_head_bias(model: ClassTokenViT, frequencies: Tensor) -> None:
-    """Set the classifier bias of ``model`` (either head type) to :func:`prior_logits`."""
+    """Set the classifier bias of ``model`` (either head type, and the patch head's when it has
+    one) to :func:`prior_logits`."""
     if frequencies.shape != (model.num_classes,):
         raise ValueError(f"got {frequencies.numel()} class frequencies (shape "
                          f"{tuple(frequencies.shape)}) for a model with {model.num_classes} classes")
     bias = model.head.bias if model.head_type == "joint" else model.head_bias
     bias.copy_(prior_logits(frequencies).to(bias))
+    if getattr(model, "patch_head", None) is not None:
+        model.patch_head.bias.copy_(prior_logits(frequencies).to(bias))

@@ -1,4 +1,5 @@
-"""The training objective: BCE on image labels + lambda * L0(gates) [+ CAMAL on masked images]."""
+"""The training objective: BCE on image labels + lambda * L0(gates) [+ BCE of the auxiliary patch
+head] [+ CAMAL on masked images]."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from ..process_group import get_world_size, in_process_group
 class WSSSObjective:
     """Loss of one batch for :class:`ClassTokenViT`.
 
-    ``loss = BCE(logits, labels) + gate_lambda * L0 + guide_weight * CAMAL`` where the CAMAL term
+    ``loss = BCE(logits, labels) + gate_lambda * L0 [+ patch_loss_weight * BCE(patch_logits,
+    labels)] [+ guide_weight * CAMAL]``. The patch term is there when the model has a patch head
+    (``model.patch_head``): the same BCE on the max-pooled logits of a classifier over the final
+    patch tokens (:meth:`ClassTokenViT.patch_logits`). With ``attention_pool_weight > 0`` a
+    further BCE reads the same patch scores pooled by each class token's own attention map
+    (:meth:`ClassTokenViT.attention_pooled_logits`), which rewards a class token for attending
+    to the patches that show its class. The CAMAL term
     (mixed supervision, ``train.mask_fraction > 0``) compares the class-token attention maps of
     the blocks ``attn_blocks`` (a spec such as ``"all"``, or indices) with the masks of the images
     whose ``has_mask`` is set, for the classes present in each image whose mask is not empty
@@ -31,6 +38,8 @@ class WSSSObjective:
 
     def __init__(self, cfg: TrainConfig, attn_blocks: str | Sequence[int], has_background: bool):
         self.gate_lambda = cfg.gate_lambda
+        self.patch_loss_weight = cfg.patch_loss_weight
+        self.attention_pool_weight = cfg.attention_pool_weight
         self.guide_weight = cfg.guide_weight
         self.guided = cfg.mask_fraction > 0
         self.attn_blocks = attn_blocks
@@ -39,13 +48,23 @@ class WSSSObjective:
 
     def __call__(self, model: ClassTokenViT, batch: dict, device) -> dict[str, Tensor]:
         images, labels = batch["image"].to(device), batch["labels"].to(device)
-        if self.guided:
-            logits, maps = model.predict(images, self.attn_blocks, labels)
-        else:
-            logits = model(images, labels)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        has_patch_head = model.patch_head is not None
+        pooled = has_patch_head and self.attention_pool_weight > 0
+        blocks = model.resolve_attn_blocks(self.attn_blocks) if self.guided or pooled else []
+        out = model.forward_features(images, labels, attn_blocks=blocks,
+                                     patch_outputs=has_patch_head)
+        bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]).float(), labels)
         l0 = model.l0_penalty()
         parts = {"bce": bce, "l0": l0, "loss": bce + self.gate_lambda * l0}
+        maps = model.class_maps(out["attn"], blocks, out["grid"]) if blocks else None
+        if has_patch_head:
+            patch_logits = model.patch_logits(out["patch"]).float()
+            parts["patch_bce"] = F.binary_cross_entropy_with_logits(patch_logits, labels)
+            parts["loss"] = parts["loss"] + self.patch_loss_weight * parts["patch_bce"]
+        if pooled:
+            pooled_logits = model.attention_pooled_logits(out["patch"], maps).float()
+            parts["pool_bce"] = F.binary_cross_entropy_with_logits(pooled_logits, labels)
+            parts["loss"] = parts["loss"] + self.attention_pool_weight * parts["pool_bce"]
         if self.guided:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]

@@ -41,7 +41,7 @@ def create_model(cfg: ModelConfig, num_classes: int,
         drop_path=cfg.drop_path, num_registers=cfg.num_registers, head=cfg.head, stem=cfg.stem,
         gates=cfg.gates, gate_temperature=cfg.gate_temperature, mask_rate=cfg.mask_rate,
         class_blocks=cfg.class_blocks, grad_checkpointing=cfg.grad_checkpointing,
-        attention_kernel=cfg.attention_kernel,
+        attention_kernel=cfg.attention_kernel, patch_head=cfg.patch_head,
     )
     if init_from:
         load_init_weights(model, init_from, cfg)

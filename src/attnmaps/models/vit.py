@@ -304,6 +304,9 @@ class ClassTokenViT(nn.Module):
         grad_checkpointing: recompute each block's activations in the backward pass (training
             only) to save memory; also settable later as the attribute of the same name.
         attention_kernel: ``"auto"``, ``"fused"`` or ``"explicit"`` (see :func:`attention`).
+        patch_head: add an auxiliary linear classifier on the final patch tokens, max-pooled over
+            the patches (:meth:`patch_logits`): a training signal that makes the patch features
+            class-separable early on small data. The maps still come from the class tokens.
     """
 
     def __init__(self, num_classes: int, in_chans: int = 3, img_size: Sequence[int] = (224, 224),
@@ -312,7 +315,7 @@ class ClassTokenViT(nn.Module):
                  num_registers: int = 1, head: str = "joint", stem: str = "linear",
                  gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5,
                  class_blocks: int = 0, grad_checkpointing: bool = False,
-                 attention_kernel: str = "auto"):
+                 attention_kernel: str = "auto", patch_head: bool = False):
         super().__init__()
         if head not in ("joint", "per_token"):
             raise ValueError(f"head={head!r}; expected 'joint' or 'per_token'")
@@ -353,6 +356,7 @@ class ClassTokenViT(nn.Module):
         else:
             self.head_weight = nn.Parameter(torch.zeros(num_classes, embed_dim))
             self.head_bias = nn.Parameter(torch.zeros(num_classes))
+        self.patch_head = nn.Linear(embed_dim, num_classes) if patch_head else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -477,6 +481,27 @@ class ClassTokenViT(nn.Module):
         if self.head_type == "joint":
             return self.head(cls.flatten(1))
         return (cls * self.head_weight).sum(-1) + self.head_bias
+
+    def patch_logits(self, patch: Tensor) -> Tensor:
+        """Logits [B,K] of the auxiliary patch head: the highest score of each class over the
+        final patch tokens ``patch`` [B,N,D] (global max pooling of a patch-level classifier)."""
+        return self.patch_head_scores(patch).amax(dim=1)
+
+    def attention_pooled_logits(self, patch: Tensor, maps: Tensor) -> Tensor:
+        """Logits [B,K]: the patch head's class-``c`` scores of the patch tokens ``patch``
+        [B,N,D] averaged with the weights of class ``c``'s attention map ``maps`` [B,K,h,w]
+        (h*w = N; each map normalised to sum 1 over the patches)."""
+        scores = self.patch_head_scores(patch).transpose(1, 2)
+        weights = maps.flatten(2)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        return (weights.to(scores.dtype) * scores).sum(-1)
+
+    def patch_head_scores(self, patch: Tensor) -> Tensor:
+        """Class scores [B,N,K] of the auxiliary patch head for every patch token."""
+        if self.patch_head is None:
+            raise ValueError("this model has no patch head; build it with patch_head=True "
+                             "(config model.patch_head=true)")
+        return self.patch_head(patch)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.forward_head(self.forward_features(x, labels, patch_outputs=False)["cls"])
