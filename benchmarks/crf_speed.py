@@ -1,5 +1,5 @@
-"""Dense-CRF speed and agreement: attnmaps' torch CRF (``pseudo.crf_backend=torch``, the whole
-batch at once) against ``pydensecrf2`` (``pseudo.crf_backend=pydensecrf``, image by image), with
+"""Dense-CRF speed and agreement: attnmaps' torch CRF (``pseudo.crf_backend=torch``, one call for
+the batch) against ``pydensecrf2`` (``pseudo.crf_backend=pydensecrf``, image by image), with
 the same parameters (PSA's defaults, 10 mean-field steps).
 
 Speed: a batch of synthetic scenes at the VOC preset's image size (224 x 224; a few color

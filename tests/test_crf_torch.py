@@ -4,13 +4,15 @@ extra installed) agreement with pydensecrf."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
 from attnmaps.pseudo.crf import crf_refine
-from attnmaps.pseudo.crf_torch import CRFParams, dense_crf
+from attnmaps.pseudo.crf_torch import DEFAULT_PARAMS, CRFParams, _mean_field, dense_crf
 from attnmaps.pseudo.lattice import PermutohedralLattice
 
 HEIGHT, WIDTH = 12, 14
@@ -52,8 +54,10 @@ def brute_force_crf(colors: torch.Tensor, probs: torch.Tensor, params: CRFParams
     return q.T.reshape(1, -1, height, width)
 
 
-def test_smoothness_kernel_alone_equals_brute_force():
-    colors, probs = scene()
+@pytest.mark.parametrize("labels", [2, 3, 5])
+def test_smoothness_kernel_alone_equals_brute_force(labels):
+    colors, probs = scene(labels=max(labels, 3))
+    probs = probs[:, :labels]
     params = CRFParams(iterations=5, bilateral_compat=0.0)
     assert_close(dense_crf(colors, probs, params).double(), brute_force_crf(colors, probs, params),
                  atol=2e-3, rtol=0)
@@ -80,12 +84,96 @@ def test_lattice_approximates_the_exact_gaussian_filter():
     assert deviation.mean() < 0.03 and deviation.max() < 0.15
 
 
+def reference_lattice_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Krähenbühl's permutohedral filter (``permutohedral.cpp`` of pydensecrf) transcribed loop
+    by loop, a dict as its hash table, float64: splat, blur along axes 0..d, slice."""
+    d = features.shape[1]
+    scale = [math.sqrt(2 / 3) * (d + 1) / math.sqrt((i + 1) * (i + 2)) for i in range(d)]
+    vertices: dict[tuple[int, ...], int] = {}
+    entries = []  # (point, vertex, weight)
+    for point, f in enumerate(features):
+        elevated, total = [0.0] * (d + 1), 0.0
+        for i in range(d, 0, -1):
+            cf = f[i - 1] * scale[i - 1]
+            elevated[i] = total - i * cf
+            total += cf
+        elevated[0] = total
+        rem0 = []
+        for e in elevated:
+            up, down = math.ceil(e / (d + 1)) * (d + 1), math.floor(e / (d + 1)) * (d + 1)
+            rem0.append(up if up - e < e - down else down)
+        coordinate_sum = sum(rem0) // (d + 1)
+        rank = [0] * (d + 1)
+        for i in range(d):
+            for j in range(i + 1, d + 1):
+                if elevated[i] - rem0[i] < elevated[j] - rem0[j]:
+                    rank[i] += 1
+                else:
+                    rank[j] += 1
+        for i in range(d + 1):
+            rank[i] += coordinate_sum
+            if rank[i] < 0:
+                rank[i], rem0[i] = rank[i] + d + 1, rem0[i] + d + 1
+            elif rank[i] > d:
+                rank[i], rem0[i] = rank[i] - d - 1, rem0[i] - d - 1
+        barycentric = [0.0] * (d + 2)
+        for i in range(d + 1):
+            v = (elevated[i] - rem0[i]) / (d + 1)
+            barycentric[d - rank[i]] += v
+            barycentric[d - rank[i] + 1] -= v
+        barycentric[0] += 1.0 + barycentric[d + 1]
+        for r in range(d + 1):
+            key = tuple(rem0[i] + (r if rank[i] <= d - r else r - d - 1) for i in range(d))
+            entries.append((point, vertices.setdefault(key, len(vertices)), barycentric[r]))
+    lattice = np.zeros((len(vertices) + 1, values.shape[1]))  # last row: absent neighbours
+    for point, vertex, weight in entries:
+        lattice[vertex] += weight * values[point]
+    for j in range(d + 1):
+        blurred = lattice.copy()
+        for key, vertex in vertices.items():
+            down = tuple(k + d if i == j else k - 1 for i, k in enumerate(key))
+            up = tuple(k - d if i == j else k + 1 for i, k in enumerate(key))
+            blurred[vertex] += 0.5 * (lattice[vertices.get(down, -1)] + lattice[vertices.get(up, -1)])
+        lattice = blurred
+    out = np.zeros_like(values, dtype=np.float64)
+    for point, vertex, weight in entries:
+        out[point] += weight * lattice[vertex]
+    return out / (1 + 2.0**-d)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_lattice_equals_the_reference_lattice(d):
+    gen = torch.Generator().manual_seed(d)
+    features = torch.rand(60, d, generator=gen) * 3
+    values = torch.rand(60, 2, generator=gen)
+    want = reference_lattice_filter(features.double().numpy(), values.double().numpy())
+    got = PermutohedralLattice(features).filter(values).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lattice_groups_filter_each_group_alone():
+    gen = torch.Generator().manual_seed(0)
+    features, values = torch.rand(80, 5, generator=gen) * 3, torch.rand(80, 2, generator=gen)
+    groups = torch.arange(80) % 2
+    got = PermutohedralLattice(features, groups).filter(values)
+    for group in (0, 1):
+        alone = PermutohedralLattice(features[groups == group]).filter(values[groups == group])
+        assert_close(got[groups == group], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_groups_keep_images_apart():
     colors, probs = scene(0)
     colors2, probs2 = scene(1)
-    batched = dense_crf(torch.cat([colors, colors2]), torch.cat([probs, probs2]))
+    unary = -torch.cat([probs, probs2]).clamp_min(1e-5).log()
+    # A batch at once (as on CUDA) and image by image (as dense_crf on CPU) agree.
+    batched = _mean_field(torch.cat([colors, colors2]), unary, DEFAULT_PARAMS)
     assert_close(batched[:1], dense_crf(colors, probs), atol=1e-5, rtol=0)
     assert_close(batched[1:], dense_crf(colors2, probs2), atol=1e-5, rtol=0)
+
+
+def test_one_label_is_certain():
+    colors, probs = scene()
+    assert torch.equal(dense_crf(colors, probs[:, :1]), torch.ones_like(probs[:, :1]))
 
 
 def test_labels_not_allowed_equal_a_crf_without_them():

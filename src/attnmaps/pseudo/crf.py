@@ -100,7 +100,7 @@ def crf_pseudo_masks(colors: Tensor, maps: Tensor, selected: Tensor, masks: Tens
     """Refine pseudo masks [B,H,W] with the dense CRF on ``colors`` [B,H,W,C] (0..255).
 
     Arguments as for :func:`pseudo_mask_probs`; ``backend`` is ``"torch"``
-    (:func:`~attnmaps.pseudo.crf_torch.dense_crf`, the whole batch at once) or
+    (:func:`~attnmaps.pseudo.crf_torch.dense_crf`, one call for the batch) or
     ``"pydensecrf"`` (:func:`crf_refine`, image by image). Each image's CRF runs over the labels
     it can take only (background and its selected classes); the result has the dtype and
     device of ``masks``.

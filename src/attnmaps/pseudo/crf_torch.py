@@ -14,7 +14,8 @@ The appearance kernel goes through a permutohedral lattice (:mod:`.lattice`), as
 ``pydensecrf``; the smoothness kernel, a Gaussian of the pixel grid alone, is separable and is
 applied exactly, as two 1-D convolutions truncated at 4 standard deviations (``pydensecrf``
 approximates it with a lattice too). One step is ``Q = softmax(-unary + sum_kernels compat *
-filtered(Q))``, starting from ``softmax(-unary)``.
+filtered(Q))``, starting from ``softmax(-unary)``. The lattice is built once per call; as Q sums
+to one over the labels, L - 1 label channels go through the kernels each step.
 
 Example:
     >>> colors = torch.zeros(1, 8, 8, 3); colors[0, :, 4:] = 200.0  # dark left, bright right
@@ -81,50 +82,61 @@ def dense_crf(colors: Tensor, probs: Tensor, params: CRFParams = DEFAULT_PARAMS,
                                                                      *probs.shape[2:]):
         raise ValueError(f"colors must be [B,H,W,C] and probs [B,L,H,W] with the same B, H, W; "
                          f"got colors {tuple(colors.shape)} and probs {tuple(probs.shape)}")
-    batch, num_labels, height, width = probs.shape
+    batch, num_labels = probs.shape[:2]
     unary = -probs.float().clamp_min(PROB_FLOOR).log()
     if allowed is not None:
         if allowed.shape != (batch, num_labels) or not allowed.any(1).all():
             raise ValueError(f"allowed must be bool [B,L] = {(batch, num_labels)} with at least "
                              f"one label per image, got {tuple(allowed.shape)}")
         unary = unary.masked_fill(~allowed.bool()[:, :, None, None], float("inf"))
+    # On CPU one image at a time: the working set of one image stays in cache (faster per image
+    # than a batch's); on CUDA the whole batch at once.
+    chunk = 1 if unary.device.type == "cpu" else batch
+    return torch.cat([_mean_field(colors[start: start + chunk], unary[start: start + chunk],
+                                  params) for start in range(0, batch, chunk)])
+
+
+def _mean_field(colors: Tensor, unary: Tensor, params: CRFParams) -> Tensor:
+    """Q [B,L,H,W] after ``params.iterations`` mean-field steps from ``softmax(-unary)``."""
+    batch, num_labels, height, width = unary.shape
+    if num_labels == 1:
+        return torch.ones_like(unary)
     appearance = _appearance_lattice(colors, params)
-    ones = unary.new_ones(batch, 1, height, width)
-    appearance_norm = (_filter(appearance, ones) + 1e-20).rsqrt()
-    # The smoothness kernel is separable on the pixel grid: G_H @ v @ G_W.
-    rows, columns = (_gaussian_matrix(size, params.gaussian_sxy, probs.device)
+    # Normalizations as diagonal scalings: the appearance kernel's per point ([B,H,W,1], the
+    # lattice's point order), the smoothness kernel's folded into its two separable factors
+    # (its row sums are the products of the factors' row sums).
+    appearance_norm = appearance.filter(unary.new_ones(batch * height * width, 1)).rsqrt()
+    appearance_norm = appearance_norm.view(batch, height, width, 1)
+    appearance_weight = (params.bilateral_compat * appearance_norm).permute(0, 3, 1, 2)
+    rows, columns = (_normalized_gaussian(size, params.gaussian_sxy, unary.device)
                      for size in (height, width))
-    smooth_norm = (rows @ ones @ columns + 1e-20).rsqrt()
-    q = _softmax(-unary)
+    rows = params.gaussian_compat * rows
+    # Q sums to one over the labels, so the last label's message is the message of ones minus
+    # the other labels': L - 1 channels go through the kernels.
+    total = (torch.outer(rows.sum(1), columns.sum(0))
+             + appearance_weight * appearance.filter(appearance_norm.view(-1, 1)).view(
+                 batch, 1, height, width))
+    q = (-unary).softmax(1)
+    points = q.new_empty(batch, height, width, num_labels - 1)
     for _ in range(params.iterations):
-        message = (params.bilateral_compat * appearance_norm
-                   * _filter(appearance, q * appearance_norm)
-                   + params.gaussian_compat * smooth_norm
-                   * (rows @ (q * smooth_norm) @ columns))
-        q = _softmax(message - unary)
+        torch.mul(q[:, :-1].permute(0, 2, 3, 1), appearance_norm, out=points)
+        filtered = appearance.filter(points.view(-1, num_labels - 1))
+        others = (rows @ q[:, :-1] @ columns).addcmul_(
+            filtered.view(points.shape).permute(0, 3, 1, 2), appearance_weight)
+        message = torch.cat([others, total - others.sum(1, keepdim=True)], 1)
+        q = message.sub_(unary).softmax(1)
     return q
 
 
-def _softmax(logits: Tensor) -> Tensor:
-    """Softmax over dim 1 of [B,L,H,W] (faster than ``Tensor.softmax`` over a short dim 1)."""
-    exp = (logits - logits.amax(1, keepdim=True)).exp()
-    return exp / exp.sum(1, keepdim=True)
-
-
-def _filter(lattice: PermutohedralLattice, values: Tensor) -> Tensor:
-    """``lattice.filter`` of image-shaped ``values`` [B,V,H,W] (points in (b, y, x) order)."""
-    batch, channels, height, width = values.shape
-    points = values.permute(0, 2, 3, 1).reshape(-1, channels)
-    filtered = lattice.filter(points).view(batch, height, width, channels)
-    return filtered.permute(0, 3, 1, 2).contiguous()
-
-
-def _gaussian_matrix(size: int, sxy: float, device: torch.device) -> Tensor:
-    """[size, size] matrix ``exp(-(i - j)^2 / (2 sxy^2))`` for ``|i - j| <= 4 sxy``, else 0: the
-    1-D Gaussian of a grid, truncated at 4 standard deviations."""
+def _normalized_gaussian(size: int, sxy: float, device: torch.device) -> Tensor:
+    """[size, size] matrix ``n_i^{-1/2} g_ij n_j^{-1/2}``: ``g_ij = exp(-(i - j)^2 / (2
+    sxy^2))`` for ``|i - j| <= 4 sxy``, else 0 (the 1-D Gaussian of a grid, truncated at 4
+    standard deviations), symmetrically normalized by its row sums ``n``."""
     offsets = torch.arange(size, device=device, dtype=torch.float32)
     offsets = offsets[:, None] - offsets[None, :]
-    return torch.where(offsets.abs() <= 4 * sxy, torch.exp(-offsets**2 / (2 * sxy**2)), 0.0)
+    gaussian = torch.where(offsets.abs() <= 4 * sxy, torch.exp(-offsets**2 / (2 * sxy**2)), 0.0)
+    norm = gaussian.sum(1).rsqrt()
+    return norm[:, None] * gaussian * norm[None, :]
 
 
 def _appearance_lattice(colors: Tensor, params: CRFParams) -> PermutohedralLattice:
@@ -135,7 +147,8 @@ def _appearance_lattice(colors: Tensor, params: CRFParams) -> PermutohedralLatti
                             torch.arange(width, device=device, dtype=torch.float32),
                             indexing="ij")
     position = torch.stack([xs, ys], -1).reshape(1, -1, 2).expand(batch, -1, -1).reshape(-1, 2)
-    groups = torch.arange(batch, device=device).repeat_interleave(height * width)
+    groups = (torch.arange(batch, device=device).repeat_interleave(height * width)
+              if batch > 1 else None)
     features = torch.cat([position / params.bilateral_sxy,
                           colors.float().reshape(-1, channels) / params.bilateral_srgb], 1)
     return PermutohedralLattice(features, groups)

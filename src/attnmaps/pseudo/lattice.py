@@ -6,8 +6,10 @@ is splatted onto the d + 1 vertices of its enclosing simplex with barycentric we
 lattice is blurred with ``[1/2, 1, 1/2]`` along each of its d + 1 axes, and the result is sliced
 back with the same weights. The construction follows, step for step, the lattice of Krähenbühl's
 dense CRF (the one ``pydensecrf`` builds), so both filter the same way; here every step is a
-tensor operation (a sort-based hash instead of a hash table) and splat, blur and slice are
-sparse matrix products, on the features' device.
+tensor operation on the features' device, coordinates in rows: one sort of the vertex keys
+packed in int32 (int64 where they do not fit) instead of a hash table, one ``searchsorted``
+for the blur neighbours along all axes, splat and slice as sparse (CSR) matrix products, the
+blur as row gathers. The lattice is built once and filters any number of value channels.
 
 ``groups`` (one integer per point, e.g. the image of a batch it belongs to) keeps groups apart:
 points of different groups never share a lattice vertex.
@@ -31,133 +33,156 @@ from torch import Tensor
 class PermutohedralLattice:
     """The lattice of ``features`` [N,d] (float); see the module doc."""
 
-    def __init__(self, features: Tensor, groups: Tensor | None = None):
+    def __init__(self, features: Tensor, groups: Tensor | None = None) -> None:
         if features.dim() != 2 or features.shape[1] < 1:
             raise ValueError(f"features must be [N,d] with d >= 1, got {tuple(features.shape)}")
         num_points, d = features.shape
         device = features.device
-        features = features.float()
-        self.alpha = 1.0 / (1.0 + 2.0 ** -d)
-        scale = math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt(
-            torch.arange(1, d + 1, device=device, dtype=torch.float64)
-            * torch.arange(2, d + 2, device=device, dtype=torch.float64)).float()
-        elevated = _elevate(features * scale)  # [N, d+1]
-        # The nearest remainder-0 lattice point, then the simplex the point lies in (its rank).
-        lower = torch.floor(elevated / (d + 1)) * (d + 1)
-        upper = torch.ceil(elevated / (d + 1)) * (d + 1)
-        rem0 = torch.where(upper - elevated < elevated - lower, upper, lower)
-        coordinate_sum = (rem0.sum(1, keepdim=True) / (d + 1)).round().long()
-        delta = elevated - rem0
-        # rank[i]: the place of delta[i] in descending order, ties to the lower coordinate
-        order = delta.sort(dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(d + 1, device=device).expand(num_points, -1))
-        rank = rank + coordinate_sum
-        below, above = rank < 0, rank > d
-        rank = rank + (d + 1) * below.long() - (d + 1) * above.long()
-        rem0 = rem0 + (d + 1) * below.float() - (d + 1) * above.float()
-        # Barycentric weights of the d + 1 vertices.
-        share = (elevated - rem0) / (d + 1)
-        barycentric = torch.zeros(num_points, d + 2, device=device)
-        barycentric.scatter_add_(1, d - rank, share)
-        barycentric.scatter_add_(1, d - rank + 1, -share)
-        barycentric[:, 0] += 1.0 + barycentric[:, d + 1]
-        packed, strides = _vertex_keys(rem0.round().long(), rank, groups)
-        # One sort gives the vertices, which entries splat onto each, and each entry's vertex.
-        ordered, order = packed.flatten().sort()
-        self.vertices, counts = torch.unique_consecutive(ordered, return_counts=True)
+        # Coordinates first: [d+1, N], so every per-coordinate step reads contiguous memory.
+        scaled = (features.float() @ (elevation_matrix(d, device) / (d + 1))).T.contiguous()
+        # The nearest remainder-0 lattice point (d + 1) * nearest (ties to the lower one).
+        nearest = (scaled - 0.5).ceil()
+        share = scaled - nearest  # (elevated - remainder-0 point) / (d + 1)
+        # The simplex the point lies in: the rank of each coordinate of ``share`` (descending,
+        # ties to the lower coordinate) plus the coordinate sum of ``nearest``, wrapped into
+        # 0..d by moving ``nearest`` by one along the wrapped coordinates.
+        shifted = _descending_rank(share) + nearest.sum(0).int()
+        wrap = shifted.div(d + 1, rounding_mode="floor")
+        rank = (shifted - (d + 1) * wrap).long()
+        base = nearest.int() - wrap
+        share += wrap
+        order = torch.empty_like(rank).scatter_(  # order[t]: the coordinate of rank t
+            0, rank, torch.arange(d + 1, device=device)[:, None].expand(-1, num_points))
+        # Barycentric weight of vertex r: share of rank d - r minus share of rank d - r + 1.
+        by_rank = share.gather(0, order).flip(0)
+        weights = by_rank - by_rank.roll(1, 0)
+        weights[0] += 1.0
+        keys, strides, remainder_place = _vertex_keys(base, order, groups)
+        # Entry i * (d + 1) + r: vertex r of point i. One sort gives the vertices, the entries
+        # that splat onto each (in point order: a stable sort, so sums are reproducible) and,
+        # inverted, each entry's vertex.
+        ordered, entries = keys.T.flatten().sort(stable=True)
+        self.vertices, inverse, counts = torch.unique_consecutive(
+            ordered, return_inverse=True, return_counts=True)
         num_vertices = len(self.vertices)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.repeat_interleave(torch.arange(num_vertices, device=device), counts)
-        flat_weights = barycentric[:, : d + 1].flatten()
-        self.splat = _csr(_offsets(counts), order // (d + 1), flat_weights[order],
-                          (num_vertices, num_points))
-        self.slice = _csr(torch.arange(0, (d + 1) * num_points + 1, d + 1, device=device),
-                          inverse, flat_weights, (num_points, num_vertices))
-        # Blur along each axis j: neighbours key - 1 everywhere and key[j] + d, and the reverse.
-        ones = strides[:d].sum()
-        steps = torch.stack([ones - (d + 1) * strides[j] if j < d else ones
-                             for j in range(d + 1)])
-        vertices = self.vertices
-        found = self._find(torch.cat([vertices[None] - steps[:, None],
-                                      vertices[None] + steps[:, None]]))
-        self.blurs = [_blur_matrix(down, up) for down, up in zip(found[: d + 1], found[d + 1:])]
+        # Sparse indices in int32 where they fit: the products then take them without a copy.
+        index = torch.int32 if len(entries) < 2**31 else torch.int64
+        weights = weights.T.flatten()
+        columns = torch.empty(len(entries), dtype=index, device=device).scatter_(
+            0, entries, inverse.to(index))
+        # Slicing also scales: by Krähenbühl's 1 / (1 + 2^-d), and by 1/2 per blurred axis.
+        scale = 1.0 / ((1.0 + 2.0**-d) * 2.0 ** (d + 1))
+        self.slice = _csr(torch.arange(0, len(entries) + 1, d + 1, dtype=index, device=device),
+                          columns, weights * scale, (num_points, num_vertices + 1))
+        self.splat = _csr(_offsets(counts).to(index), entries.to(index) // (d + 1),
+                          weights.index_select(0, entries), (num_vertices + 1, num_points))
+        # Blur along axis j: the neighbour one step down (every coordinate - 1, coordinate j
+        # + d) is found by its key; the one step up is the vertex whose down neighbour it is.
+        # Absent neighbours are M, a zero row below the lattice's M values (a spare column
+        # M + 1 of ``up`` takes the writes for absent ones).
+        down = self._find(self.vertices + _down_steps(self.vertices, strides,
+                                                      remainder_place))
+        up = torch.full((d + 1, num_vertices + 2), num_vertices, device=device)
+        up.scatter_(1, down + (down == num_vertices).long(),
+                    torch.arange(num_vertices, device=device).expand(d + 1, -1))
+        self.up = up[:, : num_vertices + 1]
+        self.down = torch.cat([down, down.new_full((d + 1, 1), num_vertices)], 1)
 
     def _find(self, packed: Tensor) -> Tensor:
-        """Index of each packed key among the lattice vertices; -1 where absent."""
+        """Index of each packed key among the lattice vertices; M (their count) where absent."""
         position = torch.searchsorted(self.vertices, packed).clamp_max(len(self.vertices) - 1)
-        return torch.where(self.vertices[position] == packed, position, -1)
+        found = self.vertices.index_select(0, position.flatten()).view_as(packed) == packed
+        return torch.where(found, position, len(self.vertices))
 
     def filter(self, values: Tensor) -> Tensor:
         """Gaussian-filtered ``values`` [N,V] (splat, blur, slice), float32."""
-        lattice = self.splat @ values.float()
-        for blur in self.blurs:
-            lattice = blur @ lattice
-        return (self.slice @ lattice) * self.alpha
+        lattice = self.splat @ values.float()  # row M: zero, the absent neighbours' value
+        for down, up in zip(self.down, self.up):  # [1, 2, 1]: the 1/2 of each axis is in slice
+            lattice = lattice.index_select(0, down).add_(lattice.index_select(0, up)).add_(
+                lattice, alpha=2.0)
+        return self.slice @ lattice
 
 
-def _blur_matrix(down: Tensor, up: Tensor) -> Tensor:
-    """Sparse [M,M] matrix of ``x_i + (x_down + x_up) / 2`` for neighbour indices ``down`` and
-    ``up`` [M] (-1 = absent, an entry of weight 0 on the diagonal)."""
-    own = torch.arange(len(down), device=down.device)
-    columns = torch.stack([torch.where(down < 0, own, down), own, torch.where(up < 0, own, up)], 1)
-    values = torch.stack([(down >= 0).float() * 0.5, torch.ones_like(own, dtype=torch.float32),
-                          (up >= 0).float() * 0.5], 1)
-    return _csr(torch.arange(0, 3 * len(down) + 1, 3, device=down.device), columns.flatten(),
-                values.flatten(), (len(down), len(down)))
+def elevation_matrix(d: int, device: torch.device | str = "cpu") -> Tensor:
+    """[d, d+1] matrix taking features to the hyperplane sum = 0 of R^{d+1}, scaled so the
+    lattice's blur is a unit Gaussian (Adams et al., p. 5): with ``s_k = f_k * scale_k``,
+    ``e_0 = sum_k s_k`` and ``e_j = sum_{k >= j} s_k - j s_{j-1}`` for j = 1..d (0-based s)."""
+    k = torch.arange(1, d + 1, dtype=torch.float64)
+    scale = math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt(k * (k + 1))
+    row, column = torch.arange(d)[:, None], torch.arange(d + 1)[None, :]
+    matrix = (row >= column).double()
+    matrix[column[0, 1:] - 1, column[0, 1:]] = -k
+    return (matrix * scale[:, None]).float().to(device)
+
+
+def _descending_rank(values: Tensor) -> Tensor:
+    """Rank (uint8) of every row of ``values`` [d+1,N] within its column, descending, ties to
+    the lower row: the pairwise comparisons of Krähenbühl's code (faster than a sort for small
+    d; the keys of more than 30 dimensions would not fit in 64 bits anyway)."""
+    rank = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            lower = values[i] < values[j]
+            rank[i] += lower
+            rank[j] += ~lower
+    return rank
+
+
+def _vertex_keys(base: Tensor, order: Tensor, groups: Tensor | None
+                 ) -> tuple[Tensor, Tensor, int]:
+    """The d + 1 vertices of every point's simplex as packed keys [d+1,N], the strides [d+1]
+    of the first d coordinates' q (0 for coordinate d) and the place of the remainder.
+
+    Vertex r has remainder r: its coordinates are ``(d + 1) * q + r`` with ``q = base`` minus
+    one on the coordinates of rank above ``d - r`` (Adams et al., p. 10). A key packs the q of
+    the first d coordinates, the group and r in mixed radix, r highest (so the vertices of
+    one remainder are a run of the sorted keys); q has a margin of 2 below and 1 above, which
+    holds every vertex's blur neighbours. Keys are int32 where the radix product allows (a
+    faster sort), else int64.
+    """
+    d = base.shape[0] - 1
+    low = base[:d].amin(1) - 2
+    radix = (base[:d].amax(1) - low + 2).tolist()
+    if groups is not None:
+        groups = groups.long() - groups.min()
+        radix.append(int(groups.max()) + 1)
+    radix.append(d + 1)
+    if sum(math.log2(r) for r in radix) >= 62:
+        raise ValueError("the lattice keys do not fit in 64 bits: the features span too wide a "
+                         "range for their widths (use larger kernel widths or smaller images)")
+    dtype = torch.int32 if math.prod(radix) < 2**31 else torch.int64
+    place = [math.prod(radix[:k]) for k in range(len(radix))]
+    strides = torch.tensor([*place[:d], 0], dtype=dtype, device=base.device)
+    packed = ((base[:d] - low[:, None]).to(dtype) * strides[:d, None]).sum(0, dtype=dtype)
+    if groups is not None:
+        packed += groups.to(dtype) * place[d]
+    keys = packed + torch.arange(0, (d + 1) * place[-1], place[-1], dtype=dtype,
+                                 device=base.device)[:, None]
+    # Vertex r: minus the strides of the coordinates of rank above d - r, summed.
+    keys[1:] -= strides.gather(0, order[1:].flatten()).view(d, -1).flip(0).cumsum(
+        0, dtype=dtype)
+    return keys, strides, place[-1]
+
+
+def _down_steps(vertices: Tensor, strides: Tensor, remainder_place: int) -> Tensor:
+    """[d+1, M]: added to the keys of ``vertices``, the key of the neighbour one step down
+    along each axis j (every coordinate - 1, coordinate j + d): remainder r becomes r - 1 mod
+    d + 1, which keeps q but q_j + 1, except from r = 0 to d, where every q but q_j drops by
+    one."""
+    d = len(strides) - 1
+    from_zero = d * remainder_place - strides.sum() + strides
+    from_other = strides - remainder_place
+    return torch.where(vertices[None] < remainder_place, from_zero[:, None],
+                       from_other[:, None]).to(vertices.dtype)
 
 
 def _offsets(counts: Tensor) -> Tensor:
-    """CSR row offsets of rows with ``counts`` entries."""
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    """CSR row offsets of rows with ``counts`` entries, then of one empty row."""
+    ends = counts.cumsum(0)
+    return torch.cat([ends.new_zeros(1), ends, ends[-1:]])
 
 
 def _csr(offsets: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(offsets, columns, values, size)
-
-
-def _elevate(scaled: Tensor) -> Tensor:
-    """Points [N,d] (already scaled) on the hyperplane sum = 0 of R^{d+1} (Adams et al., p. 5).
-
-    ``e_0 = sum_k s_k`` and ``e_j = sum_{k >= j} s_k - j s_{j-1}`` for j = 1..d (0-based s).
-    """
-    d = scaled.shape[1]
-    suffix = scaled.flip(1).cumsum(1).flip(1)  # suffix[k] = sum_{m >= k} s_m
-    after = torch.cat([suffix[:, 1:], suffix.new_zeros(len(scaled), 1)], 1)
-    j = torch.arange(1, d + 1, device=scaled.device, dtype=scaled.dtype)
-    return torch.cat([suffix[:, :1], after - j * scaled], 1)
-
-
-def _vertex_keys(rem0: Tensor, rank: Tensor, groups: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The d + 1 vertices of every point's simplex as int64 keys [N,d+1], and the strides.
-
-    Vertex r is ``rem0 + canonical[r, rank]`` on the first d coordinates, i.e. ``rem0 + r``
-    minus ``d + 1`` on the coordinates of rank above ``d - r`` (Adams et al., p. 10); the d
-    coordinates and the point's group are packed in mixed radix. Every vertex lies within
-    d + 1 of ``rem0`` and its blur neighbours within another d + 1, which the radix leaves room
-    for, so neighbour keys are found by adding to a packed key.
-    """
-    num_points, d = rem0.shape[0], rem0.shape[1] - 1
-    low = rem0[:, :d].amin(0) - 2 * (d + 1)
-    radix = [*(rem0[:, :d].amax(0) - low + 2 * (d + 1) + 1).tolist()]
-    if groups is not None:
-        groups = groups.long() - groups.min()
-        radix.append(int(groups.max()) + 1)
-    if sum(math.log2(r) for r in radix) >= 62:
-        raise ValueError("the lattice keys do not fit in 64 bits: the features span too wide a "
-                         "range for their widths (use larger kernel widths or smaller images)")
-    strides = torch.tensor([math.prod(radix[:k]) for k in range(len(radix))], device=rem0.device)
-    base = ((rem0[:, :d] - low) * strides[:d]).sum(1)
-    if groups is not None:
-        base = base + groups * strides[d]
-    # by_rank[t]: the stride of the coordinate of rank t (coordinate d has none).
-    by_rank = torch.zeros(num_points, d + 2, dtype=torch.long, device=rem0.device)
-    by_rank.scatter_(1, rank[:, :d], strides[:d].expand(num_points, d))
-    at_or_above = by_rank.flip(1).cumsum(1).flip(1)  # sum of strides of rank >= t; 0 at d + 1
-    remainder = torch.arange(d + 1, device=rem0.device)
-    return (base[:, None] + remainder * strides[:d].sum()
-            - (d + 1) * at_or_above[:, d + 1 - remainder]), strides
-
-
