@@ -105,6 +105,7 @@ def test_demo_writes_metrics_and_picture(tmp_path: Path) -> None:
         assert key in metrics
     assert metrics["protocol"]["checkpoint_id"] and metrics["stages"][0]["stage"] == "raw"
     assert (out / "attention_grid.png").stat().st_size > 10_000
+    assert load_config(out / "run" / "config.yaml").model.patch_head  # --from-scratch adds it
 
 
 @pytest.mark.parametrize(
