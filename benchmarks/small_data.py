@@ -38,6 +38,8 @@ PAMR_ITERATIONS = 40
 # The levers, each switched off (or on) against the recipe in digits.yaml.
 VARIANTS = {
     "recipe": [],
+    "no patch head": ["model.patch_head=false"],
+    "attention pooling": ["train.attention_pool_weight=1"],
     "no prior bias": ["train.prior_bias=false"],
     "no EMA": ["train.ema_decay=0"],
     "cutmix": ["train.mix=cutmix"],
@@ -46,7 +48,7 @@ VARIANTS = {
     "no gates": ["model.gates=false"],
     "no register": ["model.num_registers=0"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
-                             "train.batch_size=64"],
+                             "train.batch_size=64", "model.patch_head=false"],
 }
 KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
         "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")
