@@ -98,3 +98,24 @@ def test_objective_adds_the_attention_pooled_bce() -> None:
     torch.testing.assert_close(parts["loss"], parts["bce"] + 2.0 * expected)
     parts["loss"].backward()
     assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_self_guide_pulls_present_maps_to_the_patch_head_regions() -> None:
+    model = model_with_patch_head().eval()
+    images = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
+    cfg = TrainConfig(gate_lambda=0.0, patch_loss_weight=0.0, self_guide_weight=0.5)
+    parts = WSSSObjective(cfg, "all", True)(model, {"image": images, "labels": labels}, "cpu")
+    out = model.forward_features(images)
+    _, maps = model.predict(images, "all")
+    scores = model.patch_head(out["patch"]).transpose(1, 2).reshape(2, 3, 4, 4)
+    low = scores.amin((2, 3), keepdim=True)
+    region = (scores - low) / (scores.amax((2, 3), keepdim=True) - low) >= 0.5
+    normalized = maps / maps.amax((2, 3), keepdim=True)
+    losses = [(1 - normalized[b, c][region[b, c]]).mean() + normalized[b, c][~region[b, c]].mean()
+              for b, c in ((0, 0), (1, 1), (1, 2))]
+    torch.testing.assert_close(parts["self_guide"], torch.stack(losses).mean())
+    torch.testing.assert_close(parts["loss"], parts["bce"] + 0.5 * parts["self_guide"])
+    parts["loss"].backward()
+    assert model.patch_head.weight.grad.abs().sum() == 0
+    assert model.cls_token.grad.abs().sum() > 0

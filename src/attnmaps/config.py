@@ -126,6 +126,7 @@ class TrainConfig:
     gate_lr_scale: float = 1.0
     patch_loss_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     attention_pool_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    self_guide_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import TrainConfig
-from ..conventions import IGNORE_INDEX
+from ..conventions import IGNORE_INDEX, min_max_normalize
 from ..losses import CAMALLoss
 from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
@@ -26,7 +26,9 @@ class WSSSObjective:
     patch tokens (:meth:`ClassTokenViT.patch_logits`). With ``attention_pool_weight > 0`` a
     further BCE reads the same patch scores pooled by each class token's own attention map
     (:meth:`ClassTokenViT.attention_pooled_logits`), which rewards a class token for attending
-    to the patches that show its class. The CAMAL term
+    to the patches that show its class. With ``self_guide_weight > 0`` the class-token maps of
+    the present classes are pulled by CAMAL towards the patch head's own class regions
+    (:meth:`self_guide_loss`; labels only, no pixel labels). The CAMAL term
     (mixed supervision, ``train.mask_fraction > 0``) compares the class-token attention maps of
     the blocks ``attn_blocks`` (a spec such as ``"all"``, or indices) with the masks of the images
     whose ``has_mask`` is set, for the classes present in each image whose mask is not empty
@@ -40,6 +42,7 @@ class WSSSObjective:
         self.gate_lambda = cfg.gate_lambda
         self.patch_loss_weight = cfg.patch_loss_weight
         self.attention_pool_weight = cfg.attention_pool_weight
+        self.self_guide_weight = cfg.self_guide_weight
         self.guide_weight = cfg.guide_weight
         self.guided = cfg.mask_fraction > 0
         self.attn_blocks = attn_blocks
@@ -50,7 +53,9 @@ class WSSSObjective:
         images, labels = batch["image"].to(device), batch["labels"].to(device)
         has_patch_head = model.patch_head is not None
         pooled = has_patch_head and self.attention_pool_weight > 0
-        blocks = model.resolve_attn_blocks(self.attn_blocks) if self.guided or pooled else []
+        self_guided = has_patch_head and self.self_guide_weight > 0
+        needs_maps = self.guided or pooled or self_guided
+        blocks = model.resolve_attn_blocks(self.attn_blocks) if needs_maps else []
         out = model.forward_features(images, labels, attn_blocks=blocks,
                                      patch_outputs=has_patch_head)
         bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]).float(), labels)
@@ -65,10 +70,21 @@ class WSSSObjective:
             pooled_logits = model.attention_pooled_logits(out["patch"], maps).float()
             parts["pool_bce"] = F.binary_cross_entropy_with_logits(pooled_logits, labels)
             parts["loss"] = parts["loss"] + self.attention_pool_weight * parts["pool_bce"]
+        if self_guided:
+            parts["self_guide"] = self.self_guide_loss(model, out["patch"], maps, labels)
+            parts["loss"] = parts["loss"] + self.self_guide_weight * parts["self_guide"]
         if self.guided:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]
         return parts
+
+    def self_guide_loss(self, model: ClassTokenViT, patch: Tensor, maps: Tensor,
+                        labels: Tensor) -> Tensor:
+        """CAMAL between each present class's token map and the region where the patch head's
+        own (detached) class score is at least half-way between its minimum and maximum."""
+        scores = model.patch_head_scores(patch).detach().float().transpose(1, 2)
+        cam = min_max_normalize(scores.reshape(*maps.shape))
+        return self.guide(maps, (cam >= 0.5).float(), labels > 0)
 
     def guide_loss(self, maps: Tensor, batch: dict, labels: Tensor) -> Tensor:
         """CAMAL over the guided (image, class) pairs only, [M, h, w] maps vs [M, H, W] masks."""
