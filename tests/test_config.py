@@ -6,6 +6,7 @@ from attnmaps.config import (
     ModelConfig,
     apply_overrides,
     config_to_dict,
+    describe_keys,
     load_config,
     save_config,
 )
@@ -176,3 +177,21 @@ def test_config_to_dict_is_plain_nested_dict():
 def test_segment_section_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+def test_help_lists_every_config_key_with_its_default(capsys) -> None:
+    import dataclasses
+
+    from attnmaps.cli import main
+    from attnmaps.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in dataclasses.fields(TrainConfig):
+        assert f"train.{key.name} = {getattr(TrainConfig(), key.name)!r}" in text
+    assert "model.patch_head = False" in text and "segment." not in text
+    sections = [getattr(Config(), s.name) for s in dataclasses.fields(Config)]
+    assert len(describe_keys().splitlines()) == sum(
+        len(dataclasses.fields(s)) if dataclasses.is_dataclass(s) else 1 for s in sections)
+    assert "  out_dir = " in describe_keys()

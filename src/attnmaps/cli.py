@@ -172,7 +172,8 @@ def _report(args: argparse.Namespace) -> None:
 def add_stage2_commands(sub: argparse._SubParsersAction) -> None:
     """The ``segment``, ``predict`` and ``report`` sub-commands."""
     segment = sub.add_parser("segment", help="seeds from a stage-1 run, then train and score a "
-                                             "segmentation network on them")
+                                             "segmentation network on them",
+                             **_keys_epilog(("segment",)))
     segment.add_argument("--run", help="stage-1 run directory written by 'attnmaps train'")
     segment.add_argument("--out", required=True, help="directory of the second-stage run")
     segment.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -206,6 +207,15 @@ def _rl_bench(args: argparse.Namespace) -> None:
     print((Path(args.out) / "rl_bench.md").read_text())
     print(f"{report['seconds'] / 60:.1f} min; results in {args.out}/rl_bench.json and "
           f"{args.out}/rl_bench.png")
+
+
+def _keys_epilog(sections: Sequence[str]) -> dict:
+    """``add_parser`` options that list the config keys of ``sections`` under ``--help``."""
+    from .config import describe_keys
+
+    return {"epilog": "config keys (override with key=value; defaults shown):\n"
+                      + describe_keys(sections),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")
     synth.set_defaults(func=_synth)
 
-    train = sub.add_parser("train", help="train a class-token ViT from image-level labels")
+    train = sub.add_parser("train", help="train a class-token ViT from image-level labels",
+                           **_keys_epilog(("model", "data", "train", "pseudo")))
     train.add_argument("--config", help="YAML config file")
     train.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     train.add_argument("--allow-changes", action="store_true",
@@ -253,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     pre = sub.add_parser("pretrain", help="self-supervised masked image modelling (SimMIM) on the "
-                         "training images; its checkpoint starts 'train' via model.init_from")
+                         "training images; its checkpoint starts 'train' via model.init_from",
+                         **_keys_epilog(("model", "data", "pretrain")))
     pre.add_argument("--config", help="YAML config file (model, data; pretrain.* keys)")
     pre.add_argument("overrides", nargs="*",
                      help="config overrides, e.g. pretrain.epochs=10 pretrain.mask_ratio=0.6")

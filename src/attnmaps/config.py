@@ -256,6 +256,22 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return cfg
 
 
+def describe_keys(sections: Iterable[str] | None = None) -> str:
+    """One line per config key, ``section.key = default`` (``key = default`` at the top level),
+    for ``--help``: every section of :class:`Config`, or only those named in ``sections``."""
+    cfg, lines = Config(), []
+    for section in dataclasses.fields(Config):
+        if sections is not None and section.name not in sections:
+            continue
+        values = getattr(cfg, section.name)
+        if not is_dataclass(values):
+            lines.append(f"  {section.name} = {values!r}")
+            continue
+        lines += [f"  {section.name}.{key.name} = {getattr(values, key.name)!r}"
+                  for key in dataclasses.fields(values)]
+    return "\n".join(lines)
+
+
 def section_from_dict(cls: type, data: Mapping, prefix: str) -> Any:
     """A config section of dataclass type ``cls``: its defaults with ``data`` merged in, each
     value checked as a YAML file's would be (errors name ``prefix.key``)."""
