@@ -84,15 +84,21 @@ def test_attention_pooled_logits_weight_patch_scores_by_each_class_map() -> None
     torch.testing.assert_close(model.attention_pooled_logits(patch, maps), expected)
 
 
-def test_objective_adds_the_attention_pooled_bce() -> None:
+def objective_run(blocks: str, **weights: float) -> tuple:
+    """(model, parts, patch tokens, class maps of ``blocks``, labels) for one two-image batch
+    under an objective with only the BCE and ``weights``."""
     model = model_with_patch_head().eval()
     images = torch.randn(2, 3, 16, 16)
     labels = torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
-    cfg = TrainConfig(gate_lambda=0.0, patch_loss_weight=0.0, attention_pool_weight=2.0)
-    parts = WSSSObjective(cfg, "last", True)(model, {"image": images, "labels": labels}, "cpu")
-    out = model.forward_features(images)
-    _, maps = model.predict(images, "last")
-    pooled = model.attention_pooled_logits(out["patch"], maps)
+    cfg = TrainConfig(gate_lambda=0.0, patch_loss_weight=0.0, **weights)
+    parts = WSSSObjective(cfg, blocks, True)(model, {"image": images, "labels": labels}, "cpu")
+    _, maps = model.predict(images, blocks)
+    return model, parts, model.forward_features(images)["patch"], maps, labels
+
+
+def test_objective_adds_the_attention_pooled_bce() -> None:
+    model, parts, patch, maps, labels = objective_run("last", attention_pool_weight=2.0)
+    pooled = model.attention_pooled_logits(patch, maps)
     expected = F.binary_cross_entropy_with_logits(pooled, labels)
     torch.testing.assert_close(parts["pool_bce"], expected)
     torch.testing.assert_close(parts["loss"], parts["bce"] + 2.0 * expected)
@@ -101,14 +107,8 @@ def test_objective_adds_the_attention_pooled_bce() -> None:
 
 
 def test_self_guide_pulls_present_maps_to_the_patch_head_regions() -> None:
-    model = model_with_patch_head().eval()
-    images = torch.randn(2, 3, 16, 16)
-    labels = torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
-    cfg = TrainConfig(gate_lambda=0.0, patch_loss_weight=0.0, self_guide_weight=0.5)
-    parts = WSSSObjective(cfg, "all", True)(model, {"image": images, "labels": labels}, "cpu")
-    out = model.forward_features(images)
-    _, maps = model.predict(images, "all")
-    scores = model.patch_head(out["patch"]).transpose(1, 2).reshape(2, 3, 4, 4)
+    model, parts, patch, maps, _ = objective_run("all", self_guide_weight=0.5)
+    scores = model.patch_head(patch).transpose(1, 2).reshape(2, 3, 4, 4)
     low = scores.amin((2, 3), keepdim=True)
     region = (scores - low) / (scores.amax((2, 3), keepdim=True) - low) >= 0.5
     normalized = maps / maps.amax((2, 3), keepdim=True)
