@@ -21,6 +21,7 @@ import yaml
 
 from .atomic import atomic_write
 from .errors import ConfigError
+from .pseudo.crf_params import CRFParams
 
 # Field metadata checked by ``_coerce``: "choices" (allowed strings), "pattern" ((regex matching
 # the whole value, description)), "length" (number of list items) and "range" (bounds of a number
@@ -139,12 +140,12 @@ class PseudoMaskConfig:
     tta_flip: bool = False
     crf: bool = False
     crf_backend: str = field(default="torch", metadata={"choices": ("torch", "pydensecrf")})
-    crf_iterations: int = 10
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 80.0
-    crf_bilateral_srgb: float = 13.0
-    crf_bilateral_compat: float = 10.0
+    crf_iterations: int = CRFParams.iterations
+    crf_gaussian_sxy: float = CRFParams.gaussian_sxy
+    crf_gaussian_compat: float = CRFParams.gaussian_compat
+    crf_bilateral_sxy: float = CRFParams.bilateral_sxy
+    crf_bilateral_srgb: float = CRFParams.bilateral_srgb
+    crf_bilateral_compat: float = CRFParams.bilateral_compat
 
 
 @dataclass

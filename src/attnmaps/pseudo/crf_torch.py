@@ -28,39 +28,13 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from .crf_params import CRFParams
 from .lattice import PermutohedralLattice
 
 PROB_FLOOR = 1e-5  # probabilities are clipped here before -log, as pydensecrf's utils do
-
-
-@dataclass(frozen=True)
-class CRFParams:
-    """Mean-field steps and kernel parameters (pixels, color units 0..255, weights).
-
-    The defaults are those of the attention/CAM seed refinement in PSA (Ahn & Kwak, CVPR 2018)
-    and the WSSS code built on it.
-    """
-
-    iterations: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise ValueError(f"CRF iterations (pseudo.crf_iterations) must be >= 0, got "
-                             f"{self.iterations}")
-        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"CRF kernel width pseudo.crf_{name} must be > 0, got "
-                                 f"{getattr(self, name)}")
 
 
 DEFAULT_PARAMS = CRFParams()
