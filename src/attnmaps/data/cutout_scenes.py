@@ -279,9 +279,10 @@ def write_cutout_voc(out_dir: str | Path, cutouts: CutoutSet, num_train: int = 3
 
 
 def write_cutout_scenes(args: argparse.Namespace) -> Path:
-    """``attnmaps synth --cutouts digits|FOLDER``: the scenes of :func:`write_cutout_voc`."""
+    """``attnmaps synth --cutouts digits|FOLDER``: the scenes of :func:`write_cutout_voc`, with
+    its default image counts where ``args`` leaves a count as None."""
     cutouts = digit_cutouts() if args.cutouts == "digits" else load_cutout_folder(args.cutouts)
-    counts = {"num_train": 3000 if args.num_train is None else args.num_train,
-              "num_tune": args.num_tune,
-              "num_val": 500 if args.num_val is None else args.num_val}
-    return write_cutout_voc(args.out, cutouts, **counts, size=(args.size or 96,) * 2, seed=args.seed)
+    counts = {name: getattr(args, name) for name in ("num_train", "num_tune", "num_val")
+              if getattr(args, name) is not None}
+    return write_cutout_voc(args.out, cutouts, **counts, size=(args.size or 96,) * 2,
+                            seed=args.seed)
