@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,5 +97,19 @@ def test_sigkill_of_a_subprocess_loses_nothing_on_resume(data_root: Path, straig
         time.sleep(0.02)
     proc.kill()
     proc.wait()
+    train(_config(data_root, tmp_path), resume=True)
+    _assert_same_run(tmp_path, straight)
+
+
+def test_resume_from_the_previous_pair_after_a_kill_inside_a_save(data_root: Path,
+                                                                  straight: Path,
+                                                                  tmp_path: Path) -> None:
+    # A save killed between moving last.* aside and moving the new pair in leaves last.prev.*
+    # only; --resume must start from it, not refuse.
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    for suffix in (".safetensors", ".state.pt"):
+        (tmp_path / f"last{suffix}").unlink()
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        train(_config(data_root, tmp_path))
     train(_config(data_root, tmp_path), resume=True)
     _assert_same_run(tmp_path, straight)

@@ -41,6 +41,14 @@ def checkpoint_paths(run_dir: str | Path, tag: str = "last") -> tuple[Path, Path
     return run_dir / f"{tag}.safetensors", run_dir / f"{tag}.state.pt"
 
 
+def has_checkpoint(run_dir: str | Path, tag: str = "last") -> bool:
+    """Whether ``run_dir`` holds any file of checkpoint ``tag`` or of the ``<tag>.prev`` pair
+    kept beside it: what :func:`load_checkpoint` can start from (a save killed after moving the
+    current pair aside leaves only ``<tag>.prev``)."""
+    pairs = (*checkpoint_paths(run_dir, tag), *checkpoint_paths(run_dir, f"{tag}.prev"))
+    return any(path.is_file() for path in pairs)
+
+
 def save_checkpoint(
     run_dir: str | Path, model: nn.Module, extra_state: dict[str, Any], *, tag: str = "last",
     metadata: Mapping[str, str] | None = None,
@@ -96,7 +104,7 @@ def load_checkpoint(
     :class:`~attnmaps.errors.CheckpointError` naming the files when no pair can be used.
     """
     current, previous = checkpoint_paths(run_dir, tag), checkpoint_paths(run_dir, f"{tag}.prev")
-    if not any(path.is_file() for path in (*current, *previous)):
+    if not has_checkpoint(run_dir, tag):
         raise FileNotFoundError(f"Checkpoint file not found: {current[0]} (no checkpoint "
                                 f"{tag!r} in {run_dir})")
     problems = []

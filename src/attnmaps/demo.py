@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .baselines import border_distance_mask
-from .checkpoint import checkpoint_paths
+from .checkpoint import checkpoint_paths, has_checkpoint
 from .config import load_config
 from .conventions import min_max_normalize
 from .data.registry import build_dataset
@@ -76,7 +76,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), num_train: int = NUM_TRAI
     cfg = load_config(demo_config_path(),
                       [f"data.root={data_root}", f"out_dir={out / 'run'}", *start, *overrides])
     weights, _ = checkpoint_paths(cfg.out_dir)
-    train(cfg, resume=weights.exists())
+    train(cfg, resume=has_checkpoint(cfg.out_dir))
     train_seconds = time.time() - started
     cfg, model = load_run(Path(cfg.out_dir), overrides)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False)

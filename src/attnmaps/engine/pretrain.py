@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import checkpoint_paths, save_checkpoint
+from ..checkpoint import checkpoint_paths, has_checkpoint, save_checkpoint
 from ..config import Config, config_to_dict, save_config
 from ..data.registry import build_dataset
 from ..errors import TrainingDiverged
@@ -38,7 +38,7 @@ def pretrain(cfg: Config) -> dict:
     """Pretrain into ``cfg.out_dir``; returns ``{"loss": last epoch's mean, "seconds": ...}``."""
     run_dir = Path(cfg.out_dir)
     weights, _ = checkpoint_paths(run_dir)
-    if weights.exists():
+    if has_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds a checkpoint ({weights.name}); set "
                               "out_dir to a new directory")
     seed_everything(cfg.train.seed)

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..checkpoint import (
     capture_rng_state,
     checkpoint_paths,
+    has_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -326,12 +327,12 @@ def check_run_dir(cfg: Config, resume: bool, allow_changes: bool = False) -> Non
     weights_path, _ = checkpoint_paths(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"out_dir={str(run_dir)!r} is a file; set out_dir to a directory")
-    if weights_path.exists() and not resume:
+    if has_checkpoint(run_dir) and not resume:
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint ({weights_path.name}); pass --resume to continue "
             "it or set out_dir to a new directory"
         )
-    if resume and not weights_path.exists():
+    if resume and not has_checkpoint(run_dir):
         raise FileNotFoundError(f"--resume was given but {weights_path} does not exist")
     if resume:
         check_resume_config(run_dir, cfg, allow_changes)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoint import checkpoint_paths
+from ..checkpoint import has_checkpoint
 from ..config import Config, load_config, save_config
 from ..data.registry import build_dataset
 from ..engine.distributed import is_main_process
@@ -88,8 +88,7 @@ def run_segment(stage1_run: Path | None, out_dir: Path, overrides: Sequence[str]
             save_config(cfg, config_path)
     result = _stage1_scores(cfg, out_dir)
     started = time.time()
-    weights, _ = checkpoint_paths(out_dir)
-    stage2 = train_segmenter(cfg, resume=weights.is_file())
+    stage2 = train_segmenter(cfg, resume=has_checkpoint(out_dir))
     if not stage2:  # every epoch was done already
         return json.loads((out_dir / METRICS).read_text())
     stage2["seconds"] = time.time() - started
