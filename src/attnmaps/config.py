@@ -128,6 +128,8 @@ class TrainConfig:
     patch_loss_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     attention_pool_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_guide_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    # share of patch tokens dropped at random in each training step (PatchDropout; 0 = off)
+    patch_dropout: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
 
 
 @dataclass
@@ -441,6 +443,14 @@ def _validate(cfg: Config) -> None:
     if cfg.train.mix_alpha <= 0 or not 0.0 <= cfg.train.mix_prob <= 1.0:
         raise ConfigError(f"Config keys 'train.mix_alpha'={cfg.train.mix_alpha} (expected > 0) and "
                          f"'train.mix_prob'={cfg.train.mix_prob} (expected in [0, 1])")
+    map_losses = {"train.mask_fraction": cfg.train.mask_fraction,
+                  "train.attention_pool_weight": cfg.train.attention_pool_weight,
+                  "train.self_guide_weight": cfg.train.self_guide_weight}
+    used = [key for key, value in map_losses.items() if value > 0]
+    if cfg.train.patch_dropout > 0 and used:
+        raise ConfigError(f"Config key 'train.patch_dropout' is {cfg.train.patch_dropout}, but "
+                         f"{', '.join(used)} train on attention maps over all patches; set "
+                         "train.patch_dropout=0 or turn those off")
     scales = cfg.pseudo.tta_scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "

@@ -28,7 +28,9 @@ class WSSSObjective:
     (:meth:`ClassTokenViT.attention_pooled_logits`), which rewards a class token for attending
     to the patches that show its class. With ``self_guide_weight > 0`` the class-token maps of
     the present classes are pulled by CAMAL towards the patch head's own class regions
-    (:meth:`self_guide_loss`; labels only, no pixel labels). The CAMAL term
+    (:meth:`self_guide_loss`; labels only, no pixel labels). With ``patch_dropout > 0`` each
+    step sees a random share of each image's patch tokens only (PatchDropout; not with the map
+    terms, which need every patch). The CAMAL term
     (mixed supervision, ``train.mask_fraction > 0``) compares the class-token attention maps of
     the blocks ``attn_blocks`` (a spec such as ``"all"``, or indices) with the masks of the images
     whose ``has_mask`` is set, for the classes present in each image whose mask is not empty
@@ -45,6 +47,7 @@ class WSSSObjective:
         self.self_guide_weight = cfg.self_guide_weight
         self.guide_weight = cfg.guide_weight
         self.guided = cfg.mask_fraction > 0
+        self.patch_dropout = cfg.patch_dropout
         self.attn_blocks = attn_blocks
         self.label_offset = 1 if has_background else 0
         self.guide = CAMALLoss(form=cfg.guide_form)
@@ -57,7 +60,8 @@ class WSSSObjective:
         needs_maps = self.guided or pooled or self_guided
         blocks = model.resolve_attn_blocks(self.attn_blocks) if needs_maps else []
         out = model.forward_features(images, labels, attn_blocks=blocks,
-                                     patch_outputs=has_patch_head)
+                                     patch_outputs=has_patch_head,
+                                     patch_dropout=self.patch_dropout)
         bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]).float(), labels)
         l0 = model.l0_penalty()
         parts = {"bce": bce, "l0": l0, "loss": bce + self.gate_lambda * l0}

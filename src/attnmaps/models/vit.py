@@ -266,6 +266,19 @@ def parse_attn_blocks(spec: str | Sequence[int], depth: int, class_blocks: int =
     return sorted(set(indices))
 
 
+def drop_patches(patches: Tensor, rate: float) -> tuple[Tensor, Tensor]:
+    """A random ``1 - rate`` share (at least one) of each image's tokens ``patches`` [B,N,D], in
+    their original order, and their indices [B,M] (PatchDropout, Liu et al. 2022: a regulariser
+    and a cheaper step; a class seen only through some of its patches must be recognised from
+    any of them, as in Hide-and-Seek)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"patch dropout rate {rate} must lie in [0, 1)")
+    batch, n, dim = patches.shape
+    keep = max(1, round(n * (1.0 - rate)))
+    index = torch.rand(batch, n, device=patches.device).argsort(1)[:, :keep].sort(1).values
+    return patches.gather(1, index.unsqueeze(-1).expand(-1, -1, dim)), index
+
+
 def resample_pos_embed(pos: Tensor, src_grid: tuple[int, int],
                        dst_grid: tuple[int, int]) -> Tensor:
     """Patch position embeddings [1, h*w, D] resampled bicubically (``align_corners=False``)
@@ -419,7 +432,8 @@ class ClassTokenViT(nn.Module):
     def forward_features(self, x: Tensor, labels: Tensor | None = None,
                          attn_blocks: str | Sequence[int] = (),
                          patch_outputs: bool = True,
-                         patch_blocks: Sequence[int] = ()) -> dict[str, Tensor | list[Tensor]]:
+                         patch_blocks: Sequence[int] = (),
+                         patch_dropout: float = 0.0) -> dict[str, Tensor | list[Tensor]]:
         """Run the encoder.
 
         Returns a dict with ``cls`` [B,K,D], ``reg`` [B,R,D], ``patch`` [B,N,D] (final-norm
@@ -435,12 +449,19 @@ class ClassTokenViT(nn.Module):
         ``blocks`` holds the patch tokens [B,N,D] after each block index in ``patch_blocks``
         (before the final norm; with ``patch_outputs``), in block order: the features a
         segmentation decoder reads.
+
+        ``patch_dropout`` > 0 (training only, see :func:`drop_patches`) keeps a random subset of
+        the patch tokens of each image; ``patch`` and ``blocks`` then hold the kept tokens,
+        ``kept`` [B,M] their indices, and the attention rows cover only them (no maps).
         """
         self._check_input(x)
         wanted = set(self.resolve_attn_blocks(attn_blocks)) if attn_blocks else set()
         feats = self.patch_embed(x)
         grid = (feats.shape[-2], feats.shape[-1])
         patches = feats.flatten(2).transpose(1, 2) + self._pos_embed(grid)
+        kept_index = None
+        if self.training and patch_dropout > 0:
+            patches, kept_index = drop_patches(patches, patch_dropout)
         batch, k = x.shape[0], self.num_classes
         cls = self.cls_token.expand(batch, -1, -1)
         seq = torch.cat([patches, self.reg_token.expand(batch, -1, -1)], dim=1)
@@ -450,7 +471,7 @@ class ClassTokenViT(nn.Module):
         first = depth - self.class_blocks
         attn: list[Tensor] = []
         kept: list[Tensor] = []
-        n, offset = grid[0] * grid[1], 0 if self.class_blocks else k
+        n, offset = patches.shape[1], 0 if self.class_blocks else k
         for i, block in enumerate(self.blocks):
             rows_k = k if i in wanted else 0
             if i >= first:
@@ -463,12 +484,13 @@ class ClassTokenViT(nn.Module):
                 attn.append(rows)
             if i in patch_blocks:
                 kept.append(seq[:, offset:offset + n])
+        extra = {} if kept_index is None else {"kept": kept_index}
         if not patch_outputs:
             return {"cls": self._masked(self.norm(cls), labels), "grid": grid, "attn": attn,
-                    "blocks": kept}
+                    "blocks": kept, **extra}
         tokens = self.norm(torch.cat([cls, seq], dim=1) if self.class_blocks else seq)
         return {"cls": self._masked(tokens[:, :k], labels), "patch": tokens[:, k:k + n],
-                "reg": tokens[:, k + n:], "grid": grid, "attn": attn, "blocks": kept}
+                "reg": tokens[:, k + n:], "grid": grid, "attn": attn, "blocks": kept, **extra}
 
     def _masked(self, cls: Tensor, labels: Tensor | None) -> Tensor:
         """``cls`` with the outputs of randomly chosen absent classes zeroed (training only)."""
