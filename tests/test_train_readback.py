@@ -223,3 +223,21 @@ def test_the_training_step_compiles_without_graph_breaks() -> None:
     batch = {"image": torch.randn(4, 3, 32, 32), "labels": (torch.rand(4, 4) < 0.5).float()}
     report = graph_breaks(step, batch)
     assert report == {"graphs": 1, "graph_breaks": 0, "reasons": []}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_trains_on_pinned_uint8_batches_with_fused_adamw(
+        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+
+    def recorded(*args, **kwargs):
+        built.append(build_optimizer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(engine, "build_optimizer", recorded)
+    logged = _train(data_root, tmp_path, "train.device=cuda", "train.log_every=2",
+                    "data.num_workers=1", "data.normalize_on_device=true",
+                    "train.precision=bf16")
+    assert sorted(logged) == [2, 4, 6, 8, 10, 12]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged.values())
+    assert all(group["fused"] for group in built[0].param_groups)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -60,11 +61,11 @@ def compile_module(module: ModuleT, device: torch.device,
     return torch.compile(module, backend=backend)
 
 
-def graph_breaks(module: nn.Module, *args: object) -> dict:
-    """What ``torch.compile`` makes of ``module(*args)``: the number of graphs, of graph breaks
-    and each break's reason (``torch._dynamo.explain``: traces and runs the call once, compiles
-    nothing, so it answers the same for every backend)."""
+def graph_breaks(fn: Callable[..., object], *args: object) -> dict:
+    """What ``torch.compile`` makes of ``fn(*args)`` (a module or a function): the number of
+    graphs, of graph breaks and each break's reason (``torch._dynamo.explain``: traces and runs
+    the call once, compiles nothing, so it answers the same for every backend)."""
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(module)(*args)
+    explanation = torch._dynamo.explain(fn)(*args)
     return {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count,
             "reasons": [str(reason.reason) for reason in explanation.break_reasons]}
