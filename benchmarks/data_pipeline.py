@@ -28,18 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _measure as measure
 import torch
-from _measure import (
-    add_threads_arg,
-    apply_threads,
-    environment,
-    interleaved_times,
-    median,
-    paired_ratio,
-    print_table,
-    synchronize,
-    write_json,
-)
 from torch.utils.data import RandomSampler
 
 import attnmaps
@@ -86,8 +76,8 @@ def per_worker_rates(cfg: Config, repeats: int) -> dict[str, float]:
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
     work = {"decode": lambda: [read_image(path) for path in dataset.image_paths],
             "decode + augment": lambda: [dataset[i] for i in range(len(dataset))]}
-    times = interleaved_times(work, repeats, 1, torch.device("cpu"))
-    return {name: len(dataset) / median(seconds) for name, seconds in times.items()}
+    times = measure.interleaved_times(work, repeats, 1, torch.device("cpu"))
+    return {name: len(dataset) / measure.median(seconds) for name, seconds in times.items()}
 
 
 def loader_rates(cfg: Config, workers: list[int], device: torch.device,
@@ -103,10 +93,10 @@ def loader_rates(cfg: Config, workers: list[int], device: torch.device,
         for batch in make_loader(dataset, batch_size, RandomSampler(dataset), data, device):
             batch_to_device(batch, device, stats)
 
-    times = interleaved_times({count: lambda c=count: drain(c) for count in workers}, repeats, 0,
-                              device)
+    times = measure.interleaved_times({count: lambda c=count: drain(c) for count in workers},
+                                      repeats, 0, device)
     images = len(dataset) // batch_size * batch_size
-    return {count: images / median(seconds) for count, seconds in times.items()}
+    return {count: images / measure.median(seconds) for count, seconds in times.items()}
 
 
 def epoch_and_step(run: Run, repeats: int) -> dict[str, list[float]]:
@@ -120,8 +110,8 @@ def epoch_and_step(run: Run, repeats: int) -> dict[str, list[float]]:
         run.loader = batches
         train_one_epoch(run, next(rounds))
 
-    return interleaved_times({"epoch": lambda: epoch(loader), "step": lambda: epoch(held)},
-                             repeats, 1, run.ctx.device)
+    return measure.interleaved_times({"epoch": lambda: epoch(loader),
+                                      "step": lambda: epoch(held)}, repeats, 1, run.ctx.device)
 
 
 def main() -> None:
@@ -135,13 +125,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    add_threads_arg(parser)
+    measure.add_threads_arg(parser)
     parser.add_argument("--quick", action="store_true", help="64 images, 2 rounds, 1 thread")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/data_pipeline.json"))
     args = parser.parse_args()
     if args.quick:
         args.images, args.repeats = 64, 2
-    apply_threads(args)
+    measure.apply_threads(args)
     device = torch.device(args.device)
     preset = PRESETS / args.config if (PRESETS / args.config).is_file() else Path(args.config)
     workers = [int(count) for count in args.workers.split(",")]
@@ -155,26 +145,27 @@ def main() -> None:
         per_worker = per_worker_rates(cfg, args.repeats)
         loader = loader_rates(cfg, workers, device, args.repeats)
         run = setup(cfg, DistContext(0, 1, 0, device, False), resume=False)
-        synchronize(device)
+        measure.synchronize(device)
         times = epoch_and_step(run, args.repeats)
         images = run.steps_per_epoch * run.batch_size
         seconds = time.perf_counter() - started
-    throughput = {name: images / median(values) for name, values in times.items()}
-    ratio = paired_ratio(times["step"], times["epoch"])
+    throughput = {name: images / measure.median(values) for name, values in times.items()}
+    ratio = measure.paired_ratio(times["step"], times["epoch"])
     print(f"{args.images} JPEGs {VOC_SIZE[1]}x{VOC_SIZE[0]} -> {cfg.data.image_size}, preset "
           f"{preset.name}, batch {run.batch_size}, {cfg.data.num_workers} workers in the epoch, "
           f"{device}, {cfg.train.precision}, {torch.get_num_threads()} threads")
-    print_table(["measure", "images/s"],
-                [*[[f"one worker: {name}", f"{rate:.1f}"] for name, rate in per_worker.items()],
-                 *[[f"loader, {count} workers", f"{rate:.1f}"] for count, rate in loader.items()],
-                 *[[name, f"{rate:.1f}"] for name, rate in throughput.items()]])
+    measure.print_table(
+        ["measure", "images/s"],
+        [*[[f"one worker: {name}", f"{rate:.1f}"] for name, rate in per_worker.items()],
+         *[[f"loader, {count} workers", f"{rate:.1f}"] for count, rate in loader.items()],
+         *[[name, f"{rate:.1f}"] for name, rate in throughput.items()]])
     print(f"epoch / step: {ratio:.2f} (median of per-round ratios; goal >= 0.9)")
-    write_json(args.out, {
+    measure.write_json(args.out, {
         "config": {**vars(args), "out": str(args.out), "preset": str(preset),
                    "image_size": cfg.data.image_size, "batch_size": run.batch_size,
                    "epoch_workers": cfg.data.num_workers, "precision": cfg.train.precision,
                    "normalize_on_device": cfg.data.normalize_on_device},
-        "environment": environment(device),
+        "environment": measure.environment(device),
         "per_worker_images_per_second": per_worker,
         "loader_images_per_second": {str(count): rate for count, rate in loader.items()},
         "epoch_seconds": times["epoch"], "step_seconds": times["step"],

@@ -54,7 +54,8 @@ run() {
 
 run preflight 20 "$PYTHON" -c '
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0))
 for name in ("attnmaps", "timm", "torchvision", "pytest", "xdist", "numpy", "PIL", "yaml",

@@ -20,21 +20,9 @@ import argparse
 import random
 from pathlib import Path
 
+import _measure as measure
 import torch
 import torch.nn.functional as F
-from _measure import (
-    add_shape_args,
-    apply_threads,
-    environment,
-    interleaved_times,
-    median,
-    mib,
-    paired_ratio,
-    peak_memory,
-    print_table,
-    shape_kwargs,
-    write_json,
-)
 from torch import Tensor, nn
 from train_step import attnmaps_loss, make_step, voc_like_batch, with_precision
 
@@ -49,7 +37,7 @@ def timm_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
 def build(impl: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, object]:
     """The model of ``impl`` in training mode on ``device`` and its loss function."""
     torch.manual_seed(args.seed)
-    shape = shape_kwargs(args, args.classes)
+    shape = measure.shape_kwargs(args, args.classes)
     if impl == "attnmaps":
         model, loss = ClassTokenViT(**shape, head="joint", stem="linear"), attnmaps_loss
     else:
@@ -68,14 +56,15 @@ def build(impl: str, args: argparse.Namespace, device: torch.device) -> tuple[nn
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_args(parser)
+    measure.add_shape_args(parser)
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 5 rounds, 1 thread")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 8, 1 warm-up, 5 rounds, 1 thread")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/timm_compare.json"))
     args = parser.parse_args()
     if args.quick:
@@ -85,9 +74,10 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - timm (or the torchvision it imports) is broken
         reason = f"timm cannot be imported here ({type(error).__name__}: {error})"
         print(f"skipped: {reason}; install timm with a torchvision that matches this torch")
-        write_json(args.out, {"skipped": reason, "config": {**vars(args), "out": str(args.out)}})
+        measure.write_json(args.out, {"skipped": reason,
+                                      "config": {**vars(args), "out": str(args.out)}})
         return
-    apply_threads(args)
+    measure.apply_threads(args)
     random.seed(args.seed)
     device = torch.device(args.device)
     images, labels = voc_like_batch(args.batch_size, args.classes, args.img_size, device,
@@ -97,22 +87,23 @@ def main() -> None:
     counts = {impl: sum(p.numel() for p in model.parameters()) for impl, (model, _) in
               built.items()}
     steps = {impl: make_step(model, loss, images, labels) for impl, (model, loss) in built.items()}
-    times = interleaved_times(steps, args.repeats, args.warmup, device)
-    peaks = ({impl: peak_memory(steps[impl], device)["peak_bytes"] for impl in impls}
+    times = measure.interleaved_times(steps, args.repeats, args.warmup, device)
+    peaks = ({impl: measure.peak_memory(steps[impl], device)["peak_bytes"] for impl in impls}
              if device.type == "cuda" else {})
-    throughput = {impl: args.batch_size / median(times[impl]) for impl in impls}
-    ratio = paired_ratio(times["timm"], times["attnmaps"])
+    throughput = {impl: args.batch_size / measure.median(times[impl]) for impl in impls}
+    ratio = measure.paired_ratio(times["timm"], times["attnmaps"])
     print(f"K={args.classes}, {args.img_size}px/patch {args.patch_size}, width {args.embed_dim}, "
           f"depth {args.depth}, {args.heads} heads, batch {args.batch_size}, {device}, "
           f"{args.precision}{', compiled' if args.compile else ''}, timm {timm.__version__}")
-    print_table(["impl", "parameters (M)", "step ms", "images/s", "peak MiB"],
-                [[impl, f"{counts[impl] / 1e6:.2f}", f"{median(times[impl]) * 1e3:.1f}",
-                  f"{throughput[impl]:.1f}",
-                  f"{mib(peaks[impl]):.0f}" if peaks else "-"] for impl in impls])
+    measure.print_table(
+        ["impl", "parameters (M)", "step ms", "images/s", "peak MiB"],
+        [[impl, f"{counts[impl] / 1e6:.2f}", f"{measure.median(times[impl]) * 1e3:.1f}",
+          f"{throughput[impl]:.1f}", f"{measure.mib(peaks[impl]):.0f}" if peaks else "-"]
+         for impl in impls])
     print(f"attnmaps / timm: throughput x{ratio:.2f} (median of per-round ratios)")
-    write_json(args.out, {
+    measure.write_json(args.out, {
         "config": {**vars(args), "out": str(args.out), "timm": timm.__version__},
-        "environment": environment(device), "parameters": counts, "step_seconds": times,
+        "environment": measure.environment(device), "parameters": counts, "step_seconds": times,
         "images_per_second": throughput, "throughput_ratio": ratio, "peak_memory_bytes": peaks,
     })
 

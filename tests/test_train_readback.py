@@ -34,12 +34,7 @@ TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "mod
         "train.device=cpu", "train.checkpoint_every=0", "data.crop_scale=0.5,1.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

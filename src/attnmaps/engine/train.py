@@ -277,7 +277,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     (:class:`~attnmaps.engine.interrupt.Interrupted`); under several processes the stop flag
     travels with the losses' read-back, so all ranks stop together at the next read-back (within
     ``train.log_every`` steps, or at a checkpoint step) after a signal reaches any of them.
-    ``train.checkpoint_every`` steps also save inside an epoch, so ``resume`` repeats no step. ``resume`` refuses a config that differs
+    ``train.checkpoint_every`` steps also save inside an epoch, so ``resume`` repeats no step.
+    ``resume`` refuses a config that differs
     from the run's stored one (see :func:`~attnmaps.engine.resume.check_resume_config`) unless
     ``allow_changes``.
     """
