@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
 
 from ..checkpoint import (
     capture_rng_state,
@@ -278,9 +279,8 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     travels with the losses' read-back, so all ranks stop together at the next read-back (within
     ``train.log_every`` steps, or at a checkpoint step) after a signal reaches any of them.
     ``train.checkpoint_every`` steps also save inside an epoch, so ``resume`` repeats no step.
-    ``resume`` refuses a config that differs
-    from the run's stored one (see :func:`~attnmaps.engine.resume.check_resume_config`) unless
-    ``allow_changes``.
+    ``resume`` refuses a config that differs from the run's stored one (see
+    :func:`~attnmaps.engine.resume.check_resume_config`) unless ``allow_changes``.
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
@@ -470,7 +470,7 @@ class StepRecord:
     parts: dict[str, Tensor]
 
 
-def read_back(run: Run, epoch: int, pending: list[StepRecord], bar) -> bool:
+def read_back(run: Run, epoch: int, pending: list[StepRecord], bar: tqdm) -> bool:
     """Fetch the loss terms of the ``pending`` steps and every process's stop flag in one
     all-reduce and one copy to the host; log the steps that are multiples of
     ``train.log_every`` and show the last step's loss on the progress bar. Raises
