@@ -6,7 +6,8 @@ AdamW. The reference (benchmarks/reference_design.py) computes explicit attentio
 block's [B, heads, N, N] attention and masks tokens in a Python loop; attnmaps runs the fused
 attention kernel (on CPU in bfloat16 the explicit one, see benchmarks/attention_kernel.py), runs
 the last block for the class tokens only (nothing reads the patch outputs) and masks with one
-tensor operation. ``--precision bf16`` runs both under the same bfloat16 autocast. Reported: images/s (median over
+tensor operation. ``--precision bf16`` runs both under the same bfloat16 autocast; ``--explain``
+adds how many graphs and graph breaks ``torch.compile`` makes of attnmaps' step (forward + loss). Reported: images/s (median over
 interleaved repeats, and the median of the per-round speed ratios), bytes saved for backward,
 and peak memory of the steps (CUDA: max allocated; CPU: peak RSS increase in a fresh process).
 
@@ -48,7 +49,7 @@ from _measure import (
 from reference_design import ReferenceViT, reference_loss
 from torch import Tensor, nn
 
-from attnmaps.engine.acceleration import PRECISIONS, autocast
+from attnmaps.engine.acceleration import PRECISIONS, autocast, graph_breaks
 from attnmaps.models.vit import ClassTokenViT
 
 IMPLEMENTATIONS = ("attnmaps", "reference")
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps in the peak-memory run")
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 5 rounds, 1 thread")
+    parser.add_argument("--explain", action="store_true",
+                        help="report torch.compile's graph breaks in attnmaps' step")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/train_step.json"))
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,6 +178,8 @@ def main() -> None:
     saved = {impl: saved_tensor_bytes(lambda m=model, f=loss_fn: f(m, images, labels),
                                       exclude=list(model.parameters()))
              for impl, (model, loss_fn) in built.items()}
+    explained = graph_breaks(built["attnmaps"][1], built["attnmaps"][0], images, labels) \
+        if args.explain else None
     steps = {impl: make_step(model, loss_fn, images, labels)
              for impl, (model, loss_fn) in built.items()}
     times = interleaved_times(steps, args.repeats, args.warmup, device)
@@ -199,6 +204,9 @@ def main() -> None:
           f"{args.batch_size}, {counts['attnmaps'] / 1e6:.2f}M parameters, {device}, "
           f"{args.precision}")
     print_table(["impl", "step ms", "images/s", "saved MiB", "peak MiB"], rows)
+    if explained is not None:
+        print(f"torch.compile of attnmaps' step: {explained['graphs']} graph(s), "
+              f"{explained['graph_breaks']} graph break(s) {explained['reasons'] or ''}")
     memory_ratio = peaks["attnmaps"]["peak_bytes"] / max(peaks["reference"]["peak_bytes"], 1)
     print(f"attnmaps / reference: throughput x{speedup:.2f} (median of per-round ratios), saved "
           f"for backward x{saved['attnmaps'] / saved['reference']:.2f}, peak memory "
@@ -209,7 +217,7 @@ def main() -> None:
         "environment": environment(device),
         "step_seconds": times, "images_per_second": throughput,
         "throughput_ratio": speedup, "saved_for_backward_bytes": saved,
-        "peak_memory": peaks, "peak_memory_ratio": memory_ratio,
+        "peak_memory": peaks, "peak_memory_ratio": memory_ratio, "compile_graphs": explained,
     })
 
 

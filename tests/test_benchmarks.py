@@ -4,6 +4,7 @@ deterministic parts hold: byte counts and label agreement, never a timing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +15,66 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--img-size", "32", "--embed-dim", "32", "--depth", "2", "--heads", "2"]
 
 
-def run_benchmark(script: str, args: list[str], tmp_path: Path) -> dict:
+def run_benchmark(script: str, args: list[str], tmp_path: Path,
+                  env: dict[str, str] | None = None) -> dict:
     out = tmp_path / f"{script}.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), "--quick", *args,
                            "--out", str(out)], check=False, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
 
 
+def with_fake_timm(tmp_path: Path, source: str) -> dict[str, str]:
+    """The environment with a ``timm`` package of ``source`` first on the import path."""
+    package = tmp_path / "fake" / "timm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(package.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def test_train_step_keeps_less_for_backward_than_the_reference(tmp_path: Path) -> None:
-    result = run_benchmark("train_step", TINY, tmp_path)
+    result = run_benchmark("train_step", [*TINY, "--explain"], tmp_path)
     saved = result["saved_for_backward_bytes"]
     assert saved["attnmaps"] < saved["reference"]
     assert result["throughput_ratio"] > 0 and len(result["step_seconds"]["attnmaps"]) == 5
+    assert result["compile_graphs"] == {"graphs": 1, "graph_breaks": 0, "reasons": []}
+
+
+def test_timm_compare_skips_where_timm_cannot_import(tmp_path: Path) -> None:
+    env = with_fake_timm(tmp_path, "raise ImportError('torchvision does not load')\n")
+    result = run_benchmark("timm_compare", TINY, tmp_path, env)
+    assert "torchvision does not load" in result["skipped"]
+
+
+STAND_IN_TIMM = """import torch
+__version__ = "stand-in"
+
+
+def create_model(name, pretrained, num_classes, img_size, **shape):
+    assert name == "vit_base_patch16_224" and not pretrained
+    return torch.nn.Sequential(torch.nn.Flatten(),
+                               torch.nn.Linear(3 * img_size ** 2, num_classes))
+"""
+
+
+def test_timm_compare_times_both_models_compiled(tmp_path: Path) -> None:
+    # A stand-in for timm.create_model (the real one needs torchvision): the script's own path.
+    env = with_fake_timm(tmp_path, STAND_IN_TIMM)
+    result = run_benchmark("timm_compare", [*TINY, "--compile", "--backend", "aot_eager"],
+                           tmp_path, env)
+    assert set(result["images_per_second"]) == {"attnmaps", "timm"}
+    assert result["throughput_ratio"] > 0 and result["config"]["timm"] == "stand-in"
+
+
+def test_data_pipeline_reports_worker_loader_and_epoch_rates(tmp_path: Path) -> None:
+    result = run_benchmark("data_pipeline", ["--workers", "0,1", "--set",
+                                             "train.batch_size=16"], tmp_path)
+    assert set(result["per_worker_images_per_second"]) == {"decode", "decode + augment"}
+    assert set(result["loader_images_per_second"]) == {"0", "1"}
+    assert len(result["epoch_seconds"]) == len(result["step_seconds"]) == 2
+    assert result["epoch_over_step"] > 0 and result["config"]["batch_size"] == 16
 
 
 def test_attention_kernel_covers_both_dtypes_and_modes(tmp_path: Path) -> None:

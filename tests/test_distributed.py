@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from attnmaps.engine.distributed import (
     shard_indices,
 )
 from attnmaps.engine.evaluate import evaluate
+from attnmaps.engine.interrupt import Interrupted
 from attnmaps.engine.train import batch_layout, training_sampler
 from attnmaps.metrics.alignment import AlignmentMetric
 from attnmaps.metrics.classification import MultiLabelMetric
@@ -74,6 +76,31 @@ def _filled_metrics(ranks: list[int]) -> tuple:
     return seg, cls, align
 
 
+def _stop_on_rank1(data_root: Path, out_dir: Path, rank: int) -> dict:
+    """A run reading losses back every 2 steps whose rank 1 alone gets SIGTERM in its first
+    step: where this rank stopped, and its exit code."""
+    import attnmaps.engine.train as engine
+
+    real_forward = engine.TrainStep.forward
+    calls = []
+
+    def forward_then_signal(self, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, batch)
+
+    engine.TrainStep.forward = forward_then_signal
+    try:
+        engine.train(load_config(None, [*CONFIG, "train.log_every=2", f"data.root={data_root}",
+                                        f"out_dir={out_dir}"]))
+    except Interrupted as stop:
+        return {"message": str(stop), "exit_code": stop.exit_code, "steps": len(calls)}
+    finally:
+        engine.TrainStep.forward = real_forward
+    return {"message": "not stopped"}
+
+
 def _worker(rank: int, ports: tuple[int, int], data_root: Path, out: Path) -> None:
     """One rank: an interrupted run (train owns the process group), then with a group opened
     here a straight run, the resume of the interrupted one and a sharded evaluation."""
@@ -106,6 +133,7 @@ def _worker(rank: int, ports: tuple[int, int], data_root: Path, out: Path) -> No
     assert ctx.owns_group
     record["metrics"] = engine.train(_config(data_root, out / "straight"))
     engine.train(_config(data_root, out / "broken"), resume=True)
+    record["stop"] = _stop_on_rank1(data_root, out / "stopped", rank)
     cfg = _config(data_root, out / "straight")
     model = create_model(cfg.model, num_classes=4)
     load_weights(out / "straight" / "last.safetensors", model)
@@ -173,13 +201,25 @@ def test_ranks_stay_equal_and_only_rank0_writes(ddp_run: tuple[Path, list]) -> N
     saved = load_file(out / "straight" / "last.safetensors")
     for name, value in saved.items():
         assert torch.equal(value, rank0["states"][2][name]), name
-    assert (rank0["saves"], rank1["saves"]) == (4, 0)
+    # interrupted (1 epoch), straight (2), resumed (1), stopped by a signal (1)
+    assert (rank0["saves"], rank1["saves"]) == (5, 0)
     records = _log(out / "straight")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in records if "eval" in r] == [0, 1]
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_next_read_back(
+        ddp_run: tuple[Path, list]) -> None:
+    out, records = ddp_run
+    for record in records:
+        assert record["stop"]["exit_code"] == 143
+        assert record["stop"]["steps"] == 2  # signal in step 1 of rank 1, read back after step 2
+        assert record["stop"]["message"].startswith("stopped at step 2 (epoch 1, batch 2)")
+    state = torch.load(out / "stopped" / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["batches_done"], state["step"]) == (0, 2, 2)
+
+
 def test_resume_under_ddp_continues_the_same_run(ddp_run: tuple[Path, list]) -> None:
     out, (rank0, _) = ddp_run
     straight = {r["step"]: r["loss"] for r in _log(out / "straight") if "loss" in r}

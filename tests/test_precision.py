@@ -29,13 +29,7 @@ SMALL = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "mo
 TEST_BACKEND = "aot_eager"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

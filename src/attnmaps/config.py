@@ -85,6 +85,15 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     hflip: bool = True
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+    # training batches each loader worker keeps ready (with data.num_workers > 0)
+    prefetch_factor: int = field(default=2, metadata=_COUNT)
+    # keep the training loader's workers between epochs: saves their start-up each epoch, but
+    # each worker's augmentation stream then runs on across epochs, so --resume from an epoch
+    # end no longer repeats the uninterrupted run's augmentations exactly (with workers)
+    persistent_workers: bool = False
+    # training images travel as uint8 and are scaled and normalised on the training device (a
+    # quarter of the bytes through the loader and the copy; same values); needs color_jitter=0
+    normalize_on_device: bool = False
     crop_scale: list[float] | None = field(default=None, metadata=_PAIR)
     rotate: float = field(default=0.0, metadata=_bounds(0, 180))
     color_jitter: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))

@@ -12,7 +12,10 @@ without, class ``c`` is ``c``. 255 is ignore; images without a mask get an all-2
 ``class_names[v]`` names mask value ``v`` (so it starts with the background when there is one).
 
 Pixel values: uint8 images are divided by 255, any other dtype (e.g. uint16 GeoTIFF reflectances)
-is used as it is; ``mean``/``std`` (one value per channel) are in those units.
+is used as it is; ``mean``/``std`` (one value per channel) are in those units. With
+``uint8_images`` a uint8 image stays uint8 [C,H,W] (a quarter of the bytes through the loader and
+the host-to-device copy); :func:`normalize_images` then scales and normalises the batch on its
+device, with the same result.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ def image_to_float(image: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     if image.dtype == np.uint8:
         return image.astype(dtype) / dtype(255.0)
     return image.astype(dtype)
+
+
+def normalize_images(images: torch.Tensor, mean: torch.Tensor,
+                     std: torch.Tensor) -> torch.Tensor:
+    """``(images / 255 - mean) / std`` in float32 for uint8 ``images`` [..., C, H, W] (other
+    dtypes without the division); ``mean`` and ``std`` are [C, 1, 1]."""
+    scaled = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return (scaled - mean) / std
 
 
 def multi_hot(classes: Iterable[int], num_classes: int) -> torch.Tensor:
@@ -109,11 +120,17 @@ class ImageDataset(Dataset):
         crop_scale: tuple[float, float] | None = None,
         rotate: float = 0.0,
         color_jitter: float = 0.0,
+        uint8_images: bool = False,
     ) -> None:
         expected = self.channels or len(mean)
         if len(mean) != expected or len(std) != expected or min(std) <= 0:
             raise ValueError(f"mean and std need {expected} values (std > 0), got mean={mean}, "
                              f"std={std}")
+        if uint8_images and color_jitter:
+            raise ValueError("uint8 images (data.normalize_on_device) leave the color jitter "
+                             "nowhere to run; set data.color_jitter=0 or "
+                             "data.normalize_on_device=false")
+        self.uint8_images = uint8_images
         size = None if image_size is None else tuple(int(s) for s in image_size)
         self.augment = Augment(size, crop_scale, rotate, hflip, color_jitter)
         self.image_size = size
@@ -159,13 +176,16 @@ class ImageDataset(Dataset):
     def make_sample(self, i: int, image: np.ndarray, mask: np.ndarray | None,
                     labels: torch.Tensor) -> dict:
         """Item ``i``'s sample from its stored image, mask (None: all ignore) and labels:
-        augmented together, scaled and normalized."""
+        augmented together, scaled and normalized (a uint8 image is kept as it is with
+        ``uint8_images``)."""
         has_mask = mask is not None
         if mask is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         image, mask = self.augment(image, mask)
-        tensor = torch.from_numpy(image_to_float(image)).permute(2, 0, 1)
-        tensor = (self.augment.photometric(tensor) - self.mean) / self.std
+        tensor = torch.from_numpy(image).permute(2, 0, 1)
+        if not (self.uint8_images and tensor.dtype == torch.uint8):
+            unit = torch.from_numpy(image_to_float(image)).permute(2, 0, 1)
+            tensor = normalize_images(self.augment.photometric(unit), self.mean, self.std)
         return {"image": tensor.contiguous(), "labels": labels,
                 "mask": torch.from_numpy(mask.astype(np.int64)), "has_mask": has_mask,
                 "id": self.ids[i]}

@@ -32,7 +32,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ImageDataset:
     """The dataset ``cfg.name`` for ``split``.
 
     Training sets get the configured augmentations (``hflip``, ``crop_scale``, ``rotate``,
-    ``color_jitter``); evaluation sets are only resized, deterministically. ``synthetic`` reads
+    ``color_jitter``) and, with ``normalize_on_device``, keep uint8 images for the training loop
+    to normalise on its device; evaluation sets are only resized, deterministically. ``synthetic`` reads
     the VOC layout like ``voc`` and, when ``cfg.root`` does not exist yet, first writes the
     default synthetic set there.
     """
@@ -48,7 +49,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ImageDataset:
                      "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
     if train:
         options.update(hflip=cfg.hflip, rotate=cfg.rotate, color_jitter=cfg.color_jitter,
-                       crop_scale=None if cfg.crop_scale is None else tuple(cfg.crop_scale))
+                       crop_scale=None if cfg.crop_scale is None else tuple(cfg.crop_scale),
+                       uint8_images=cfg.normalize_on_device)
     if cfg.has_background is not None:
         if cfg.name in OPTIONAL_BACKGROUND:
             options["has_background"] = cfg.has_background

@@ -25,7 +25,10 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def _per_channel(image: np.ndarray, op) -> np.ndarray:
-    """Apply the PIL operation ``op`` to each channel (uint8 as "L", others as float32 "F")."""
+    """Apply the PIL operation ``op`` to each channel (uint8 as "L", others as float32 "F"); a
+    uint8 RGB image in one call, which PIL runs band by band with the same result."""
+    if image.dtype == np.uint8 and image.shape[2] == 3:
+        return np.array(op(Image.fromarray(np.ascontiguousarray(image))))
     dtype = np.uint8 if image.dtype == np.uint8 else np.float32
     planes = [np.asarray(op(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=dtype))))
               for c in range(image.shape[2])]

@@ -1,5 +1,8 @@
 """AdamW with decoupled weight decay on matrices only, and a per-step warm-up + cosine schedule.
 
+On CUDA the optimiser runs torch's fused AdamW kernel; elsewhere torch's default implementation.
+:func:`load_optimizer_state` keeps that choice when a state saved on another device is loaded.
+
 Example::
 
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
@@ -37,15 +40,42 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+IMPLEMENTATION_FLAGS = ("fused", "foreach")
+
+
+def adamw(groups: list[dict], lr: float, betas: Sequence[float]) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups``: fused (one kernel for all parameters) when every
+    parameter is a CUDA tensor, torch's default implementation otherwise."""
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers (beta1, beta2), got {list(betas)}")
+    params = [param for group in groups for param in group["params"]]
+    fused = bool(params) and all(param.is_cuda for param in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])),
+                             fused=True if fused else None)
+
+
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float]
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``model``."""
-    if len(betas) != 2:
-        raise ValueError(f"betas must be two numbers (beta1, beta2), got {list(betas)}")
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=(float(betas[0]), float(betas[1]))
-    )
+    """AdamW (:func:`adamw`) over :func:`param_groups` of ``model``."""
+    return adamw(param_groups(model, weight_decay), lr, betas)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping the optimizer's own implementation (fused or
+    not, which follows the device the state is resumed on, not the one it was saved on); fused
+    groups get their step counts on their parameters' device, as the fused kernel needs."""
+    kept = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group}
+            for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, kept):
+        group.update(flags)
+        if not group.get("fused"):
+            continue
+        for param in group["params"]:
+            steps = optimizer.state.get(param, {}).get("step")
+            if isinstance(steps, torch.Tensor):
+                optimizer.state[param]["step"] = steps.to(param.device, torch.float32)
 
 
 def set_base_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import RandomSampler
 
 from ..checkpoint import checkpoint_paths, has_checkpoint, save_checkpoint
 from ..config import Config, config_to_dict, save_config
@@ -31,7 +31,7 @@ from ..models.mim import MaskedImageModel, random_patch_mask
 from ..progress import logger, progress
 from ..runtime import resolve_device, seed_everything
 from .optim import build_optimizer, warmup_cosine
-from .train import append_log
+from .train import append_log, batch_to_device, make_loader, pixel_stats
 
 
 def pretrain(cfg: Config) -> dict:
@@ -48,8 +48,8 @@ def pretrain(cfg: Config) -> dict:
     mim = MaskedImageModel(model).to(device)
     settings = cfg.pretrain
     batch_size = min(settings.batch_size, len(dataset))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    loader = make_loader(dataset, batch_size, RandomSampler(dataset), cfg.data, device)
+    stats = pixel_stats(cfg.data, device)
     total = settings.epochs * len(loader)
     optimizer = build_optimizer(mim, settings.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
     scheduler = warmup_cosine(optimizer, total, min(total, round(settings.warmup_epochs
@@ -62,20 +62,23 @@ def pretrain(cfg: Config) -> dict:
         mim.train()
         losses = []
         for batch in progress(loader, f"pretrain {epoch + 1}/{settings.epochs}"):
-            images = batch["image"].to(device)
+            images = batch_to_device(batch, device, stats)["image"]
             mask = random_patch_mask(len(images), grid, settings.mask_ratio).to(device)
             loss = mim(images, mask)
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"pretraining loss became {loss.item()}; lower "
-                                       "pretrain.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(mim.parameters(), cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
-        mean = sum(losses) / len(losses)
+            losses.append(loss.detach())
+        values = torch.stack(losses).tolist()  # the epoch's only read-back, before its save
+        bad = [(step, value) for step, value in enumerate(values, 1) if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(f"pretraining loss became {bad[0][1]} at step {bad[0][0]} of "
+                                   f"epoch {epoch + 1}; nothing of this epoch was saved; lower "
+                                   "pretrain.lr")
+        mean = sum(values) / len(values)
         append_log(run_dir / "log.jsonl", {"epoch": epoch, "pretrain_loss": mean})
         save_checkpoint(run_dir, model, {"epoch": epoch, "config": config_to_dict(cfg)},
                         metadata=checkpoint_metadata(cfg.model, dataset.num_classes,

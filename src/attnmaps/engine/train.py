@@ -23,6 +23,11 @@ progress; evaluation is sharded over the processes and its metrics reduced. Each
 its own random numbers (gate noise, class-token masking, augmentation); the checkpoint keeps
 every rank's RNG state. Progress goes to the ``attnmaps`` logger, one line per epoch; a
 progress bar is shown only when stderr is a terminal.
+
+The steps run without waiting for the device: the loss terms stay on it and are read back (one
+all-reduce and one copy to the host for all the steps since the last read-back) every
+``train.log_every`` steps, before every checkpoint and at the end of the epoch. A non-finite loss
+is reported at the next read-back, naming its step; no checkpoint is written before the check.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
 
 from ..checkpoint import (
     capture_rng_state,
@@ -49,7 +55,8 @@ from ..checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from ..config import Config, TrainConfig, config_to_dict, save_config
+from ..config import Config, DataConfig, TrainConfig, config_to_dict, save_config
+from ..data.base import normalize_images
 from ..data.mask_budget import MaskBudget
 from ..data.mixing import mix_batch
 from ..data.registry import build_dataset
@@ -74,7 +81,7 @@ from .gate_schedule import scale_gate_lr, set_gate_init
 from .interrupt import Interrupted, StopRequest
 from .label_prior import init_head_bias, label_frequencies
 from .objective import WSSSObjective
-from .optim import build_optimizer, set_base_lrs, warmup_cosine
+from .optim import build_optimizer, load_optimizer_state, set_base_lrs, warmup_cosine
 from .resume import (
     SkipSampler,
     check_masks,
@@ -181,6 +188,38 @@ def training_sampler(dataset: Dataset, seed: int, ctx: DistContext) -> Distribut
                               seed=seed * 100003, drop_last=True)
 
 
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, cfg: DataConfig,
+                device: torch.device) -> DataLoader:
+    """The training DataLoader: complete batches in ``sampler``'s order, ``cfg.num_workers``
+    workers each keeping ``cfg.prefetch_factor`` batches ready (and alive between epochs with
+    ``cfg.persistent_workers``), pinned host memory when ``device`` is CUDA so that
+    :func:`batch_to_device` copies without blocking."""
+    workers = {"prefetch_factor": cfg.prefetch_factor,
+               "persistent_workers": cfg.persistent_workers} if cfg.num_workers else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda", **workers)
+
+
+def pixel_stats(cfg: DataConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``cfg.mean`` and ``cfg.std`` as float32 [C,1,1] tensors on ``device``."""
+    return tuple(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+                 for values in (cfg.mean, cfg.std))
+
+
+def batch_to_device(batch: dict, device: torch.device,
+                    stats: tuple[Tensor, Tensor] | None = None) -> dict:
+    """``batch`` with its tensors on ``device`` (copies that do not block the host when the
+    loader pinned them); uint8 images (``data.normalize_on_device``) are scaled and normalised
+    there with ``stats`` = (mean, std) from :func:`pixel_stats`."""
+    moved = {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+             for key, value in batch.items()}
+    if moved["image"].dtype == torch.uint8:
+        if stats is None:
+            raise ValueError("a batch of uint8 images needs the mean and std to normalise it")
+        moved["image"] = normalize_images(moved["image"], *stats)
+    return moved
+
+
 @dataclass
 class Run:
     """Everything a training run holds between epochs; built by :func:`setup` (or another
@@ -207,6 +246,8 @@ class Run:
     resumed_rng: dict | None = None  # restored once the resumed epoch's iterator exists
     last_saved: str = "none (no checkpoint was written)"
     ema: ModelEMA | None = None  # weight average (train.ema_decay), evaluated and saved
+    # data.mean / data.std as [C,1,1] on the device, for uint8 batches (data.normalize_on_device)
+    pixel_stats: tuple[Tensor, Tensor] | None = None
 
     @property
     def scored_model(self) -> nn.Module:
@@ -234,10 +275,12 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     exception; a process group that the caller already initialised is used and left open.
 
     Ctrl-C or SIGTERM stops at the next step boundary after saving a checkpoint there
-    (:class:`~attnmaps.engine.interrupt.Interrupted`); ``train.checkpoint_every`` steps also
-    save inside an epoch, so ``resume`` repeats no step. ``resume`` refuses a config that differs
-    from the run's stored one (see :func:`~attnmaps.engine.resume.check_resume_config`) unless
-    ``allow_changes``.
+    (:class:`~attnmaps.engine.interrupt.Interrupted`); under several processes the stop flag
+    travels with the losses' read-back, so all ranks stop together at the next read-back (within
+    ``train.log_every`` steps, or at a checkpoint step) after a signal reaches any of them.
+    ``train.checkpoint_every`` steps also save inside an epoch, so ``resume`` repeats no step.
+    ``resume`` refuses a config that differs from the run's stored one (see
+    :func:`~attnmaps.engine.resume.check_resume_config`) unless ``allow_changes``.
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
@@ -302,11 +345,11 @@ def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
                               min(total_steps, round(cfg.train.warmup_epochs * steps_per_epoch)),
                               cfg.train.min_lr / cfg.train.lr)
     sampler = training_sampler(train_set, cfg.train.seed, ctx)
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    loader = make_loader(train_set, batch_size, sampler, cfg.data, ctx.device)
     run = Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
               optimizer, scheduler, loader, sampler, val_set,
-              getattr(val_set, "class_names", None), batch_size, steps_per_epoch, 0, 0, metadata)
+              getattr(val_set, "class_names", None), batch_size, steps_per_epoch, 0, 0, metadata,
+              pixel_stats=pixel_stats(cfg.data, ctx.device))
     if resume:
         restore_run(run, allow_changes)
     else:
@@ -346,7 +389,7 @@ def restore_run(run: Run, allow_changes: bool) -> None:
     ctx, seed = run.ctx, run.cfg.train.seed
     configured = list(run.scheduler.base_lrs)
     state = load_checkpoint(run.run_dir, run.model, map_location=ctx.device)
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_base_lrs(run.scheduler, configured)
     run.ema = build_ema(run.model, run.cfg.train.ema_decay, state)
@@ -372,29 +415,22 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     run.train_step.train()
     run.sampler.set_epoch(epoch)
     skip, run.skip_batches = run.skip_batches, 0
-    loader = run.loader if not skip else DataLoader(
-        run.loader.dataset, batch_size=run.batch_size, drop_last=True,
-        sampler=SkipSampler(run.sampler, skip * run.batch_size),
-        num_workers=run.loader.num_workers)
+    loader = run.loader if not skip else make_loader(
+        run.loader.dataset, run.batch_size, SkipSampler(run.sampler, skip * run.batch_size),
+        cfg.data, run.ctx.device)
     batches = iter(loader)  # draws the loader's base seed from the global RNG
     if run.resumed_rng is not None:  # after that draw, as in the run that saved the state
         restore_rank_rng(run.resumed_rng, run.ctx, cfg.train.seed, epoch)
         run.resumed_rng = None
     bar = progress(batches, f"epoch {epoch + 1}/{cfg.train.epochs}", run.ctx.is_main,
                    total=run.steps_per_epoch - skip)
+    pending: list[StepRecord] = []
     started = time.time()
     for done, batch in enumerate(bar, start=skip + 1):
+        batch = batch_to_device(batch, run.ctx.device, run.pixel_stats)
         if cfg.train.mix != "none" and torch.rand(()).item() < cfg.train.mix_prob:
             batch = mix_batch(batch, cfg.train.mix, cfg.train.mix_alpha)
         parts = run.train_step(batch)
-        stop_flag = parts["loss"].new_tensor(float(run.stop.signal > 0))
-        means = all_reduce_mean(torch.stack([*(v.detach() for v in parts.values()), stop_flag]))
-        values = dict(zip(parts, means[:-1].tolist()))
-        if not math.isfinite(values["loss"]):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} at step {run.step + 1}; the last good checkpoint "
-                f"is kept ({run.last_saved}); lower train.lr or set train.grad_clip"
-            )
         run.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if cfg.train.grad_clip:
@@ -404,13 +440,17 @@ def train_one_epoch(run: Run, epoch: int) -> float:
         if run.ema is not None:
             run.ema.update(run.model)
         run.step += 1
-        lr = run.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if run.ctx.is_main and run.step % cfg.train.log_every == 0:
-            append_log(run.log_path, {"epoch": epoch, "step": run.step, **values, "lr": lr})
-        stopping = means[-1].item() > 0
+        pending.append(StepRecord(run.step, run.scheduler.get_last_lr()[0],
+                                  {name: value.detach() for name, value in parts.items()}))
         every = cfg.train.checkpoint_every
-        if stopping or (every and run.step % every == 0 and done < run.steps_per_epoch):
+        save_due = bool(every) and run.step % every == 0 and done < run.steps_per_epoch
+        local_stop = run.ctx.world_size == 1 and run.stop.signal > 0
+        if not (save_due or local_stop or done == run.steps_per_epoch
+                or run.step % cfg.train.log_every == 0):
+            continue
+        stopping = read_back(run, epoch, pending, bar)
+        pending = []
+        if stopping or save_due:
             save_state(run, epoch, done)
         if stopping:
             raise Interrupted(run.stop.signal or signal.SIGTERM,
@@ -419,6 +459,41 @@ def train_one_epoch(run: Run, epoch: int) -> float:
                               "and --resume")
     return ((run.steps_per_epoch - skip) * run.batch_size * run.ctx.world_size
             / max(time.time() - started, 1e-9))
+
+
+@dataclass
+class StepRecord:
+    """One step's loss terms, still on the device, and its learning rate."""
+
+    step: int
+    lr: float
+    parts: dict[str, Tensor]
+
+
+def read_back(run: Run, epoch: int, pending: list[StepRecord], bar: tqdm) -> bool:
+    """Fetch the loss terms of the ``pending`` steps and every process's stop flag in one
+    all-reduce and one copy to the host; log the steps that are multiples of
+    ``train.log_every`` and show the last step's loss on the progress bar. Raises
+    :class:`~attnmaps.errors.TrainingDiverged` naming the first step whose loss is not finite;
+    returns whether any process was asked to stop."""
+    names = list(pending[0].parts)
+    stacked = torch.stack([torch.stack([record.parts[name] for name in names])
+                           for record in pending])
+    flag = stacked.new_tensor([float(run.stop.signal > 0)])
+    reduced = all_reduce_mean(torch.cat([stacked.flatten(), flag])).tolist()
+    rows = [dict(zip(names, reduced[i * len(names):(i + 1) * len(names)]))
+            for i in range(len(pending))]
+    for record, values in zip(pending, rows):
+        if not math.isfinite(values["loss"]):
+            raise TrainingDiverged(
+                f"loss became {values['loss']} at step {record.step} (found when steps "
+                f"{pending[0].step}-{pending[-1].step} were read back); the last good checkpoint "
+                f"is kept ({run.last_saved}); lower train.lr or set train.grad_clip")
+        if run.ctx.is_main and record.step % run.cfg.train.log_every == 0:
+            append_log(run.log_path, {"epoch": epoch, "step": record.step, **values,
+                                      "lr": record.lr})
+    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{pending[-1].lr:.2e}", refresh=False)
+    return reduced[-1] > 0
 
 
 def save_state(run: Run, epoch: int, batches_done: int) -> None:

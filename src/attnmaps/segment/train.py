@@ -21,7 +21,7 @@ from torch import nn
 from ..config import Config, TrainConfig
 from ..data.registry import build_dataset
 from ..engine.distributed import DistContext, barrier, sync_buffers
-from ..engine.optim import param_groups
+from ..engine.optim import adamw, param_groups
 from ..engine.train import (
     EpochCallback,
     Run,
@@ -60,7 +60,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
         parts = [(model, seg.lr)]
     groups = [{**group, "lr": lr} for module, lr in parts
               for group in param_groups(module, train_cfg.weight_decay)]
-    return torch.optim.AdamW(groups, lr=seg.lr, betas=tuple(float(b) for b in train_cfg.betas))
+    return adamw(groups, seg.lr, train_cfg.betas)
 
 
 def num_labels(dataset) -> int:
