@@ -39,7 +39,8 @@ PAMR_ITERATIONS = 40
 VARIANTS = {
     "recipe": [],
     "no patch head": ["model.patch_head=false"],
-    "attention pooling": ["train.attention_pool_weight=1"],
+    "no patch dropout": ["train.patch_dropout=0"],
+    "attention pooling": ["train.attention_pool_weight=1", "train.patch_dropout=0"],
     "no prior bias": ["train.prior_bias=false"],
     "no EMA": ["train.ema_decay=0"],
     "cutmix": ["train.mix=cutmix"],
@@ -48,7 +49,8 @@ VARIANTS = {
     "no gates": ["model.gates=false"],
     "no register": ["model.num_registers=0"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
-                             "train.batch_size=64", "model.patch_head=false"],
+                             "train.batch_size=64", "model.patch_head=false",
+                             "train.patch_dropout=0"],
 }
 KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
         "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")
