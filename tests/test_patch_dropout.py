@@ -1,4 +1,5 @@
-"""PatchDropout (``train.patch_dropout``): which tokens are kept, what the encoder sees, config."""
+"""PatchDropout (``train.patch_dropout``) and the map decorrelation term: which tokens are kept,
+what the encoder sees, the similarity against hand examples, config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attnmaps.config import ConfigError, TrainConfig, load_config
-from attnmaps.engine.objective import WSSSObjective
+from attnmaps.engine.objective import WSSSObjective, map_similarity
 from attnmaps.models.vit import ClassTokenViT, drop_patches
 
 
@@ -85,3 +86,29 @@ def test_patch_dropout_refuses_losses_on_full_maps(key: str) -> None:
     with pytest.raises(ConfigError, match="train.patch_dropout"):
         load_config(None, ["train.patch_dropout=0.5", key])
     assert load_config(None, ["train.patch_dropout=0.5"]).train.patch_dropout == 0.5
+
+
+def test_map_similarity_against_a_hand_example() -> None:
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])  # classes 0, 1, 2 over 2 patches
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    # present class 0 against 1 (cos 45 deg) and 2 (orthogonal)
+    torch.testing.assert_close(map_similarity(maps, labels), torch.tensor(0.5 ** 0.5 / 2))
+    both = torch.tensor([[1.0, 0.0, 1.0]])  # pairs (0,1) (0,2) (2,0) (2,1)
+    torch.testing.assert_close(map_similarity(maps, both), torch.tensor(2 * 0.5 ** 0.5 / 4))
+    assert map_similarity(maps, torch.zeros(1, 3)) == 0
+
+
+def test_objective_adds_the_weighted_map_similarity_with_patch_dropout() -> None:
+    model = small_model().train()
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
+    cfg = TrainConfig(gate_lambda=0.0, patch_dropout=0.5, map_decorrelation_weight=0.7)
+    torch.manual_seed(3)
+    parts = WSSSObjective(cfg, "all", True)(model, {"image": images, "labels": labels}, "cpu")
+    torch.manual_seed(3)
+    out = model.forward_features(images, attn_blocks=[0, 1], patch_dropout=0.5)
+    rows = [a[..., 3:3 + 8].mean(1) for a in out["attn"]]  # heads averaged, kept patches only
+    expected = map_similarity((rows[0] + rows[1]) / 2, labels)
+    torch.testing.assert_close(parts["decorrelation"], expected)
+    bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]), labels)
+    patch_bce = F.binary_cross_entropy_with_logits(model.patch_logits(out["patch"]), labels)
+    torch.testing.assert_close(parts["loss"], bce + patch_bce + 0.7 * expected)

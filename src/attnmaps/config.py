@@ -137,6 +137,9 @@ class TrainConfig:
     patch_loss_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     attention_pool_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_guide_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    # weight of the mean cosine similarity between each present class's attention map and the
+    # maps of the other classes (class-specific maps; 0 = off)
+    map_decorrelation_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     # share of patch tokens dropped at random in each training step (PatchDropout; 0 = off)
     patch_dropout: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
 

@@ -17,6 +17,18 @@ from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
 
 
+def map_similarity(maps: Tensor, labels: Tensor) -> Tensor:
+    """Mean cosine similarity between the attention map [N] of each present class (``labels``
+    [B,K] > 0) and the map of every other class, over ``maps`` [B,K,N]; 0 without a present
+    class. Low when each class token looks at its own region."""
+    unit = F.normalize(maps.float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)
+    present = labels > 0
+    pairs = present.unsqueeze(2) & ~torch.eye(maps.shape[1], dtype=torch.bool,
+                                              device=maps.device)
+    return (cosine * pairs).sum() / pairs.sum().clamp_min(1)
+
+
 class WSSSObjective:
     """Loss of one batch for :class:`ClassTokenViT`.
 
@@ -30,7 +42,9 @@ class WSSSObjective:
     the present classes are pulled by CAMAL towards the patch head's own class regions
     (:meth:`self_guide_loss`; labels only, no pixel labels). With ``patch_dropout > 0`` each
     step sees a random share of each image's patch tokens only (PatchDropout; not with the map
-    terms, which need every patch). The CAMAL term
+    terms, which need every patch). With ``map_decorrelation_weight > 0`` the mean cosine
+    similarity of each present class's map with the other classes' maps is added
+    (:func:`map_similarity`; works with patch dropout). The CAMAL term
     (mixed supervision, ``train.mask_fraction > 0``) compares the class-token attention maps of
     the blocks ``attn_blocks`` (a spec such as ``"all"``, or indices) with the masks of the images
     whose ``has_mask`` is set, for the classes present in each image whose mask is not empty
@@ -48,6 +62,7 @@ class WSSSObjective:
         self.guide_weight = cfg.guide_weight
         self.guided = cfg.mask_fraction > 0
         self.patch_dropout = cfg.patch_dropout
+        self.decorrelation_weight = cfg.map_decorrelation_weight
         self.attn_blocks = attn_blocks
         self.label_offset = 1 if has_background else 0
         self.guide = CAMALLoss(form=cfg.guide_form)
@@ -57,7 +72,8 @@ class WSSSObjective:
         has_patch_head = model.patch_head is not None
         pooled = has_patch_head and self.attention_pool_weight > 0
         self_guided = has_patch_head and self.self_guide_weight > 0
-        needs_maps = self.guided or pooled or self_guided
+        decorrelated = self.decorrelation_weight > 0
+        needs_maps = self.guided or pooled or self_guided or decorrelated
         blocks = model.resolve_attn_blocks(self.attn_blocks) if needs_maps else []
         out = model.forward_features(images, labels, attn_blocks=blocks,
                                      patch_outputs=has_patch_head,
@@ -65,7 +81,9 @@ class WSSSObjective:
         bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]).float(), labels)
         l0 = model.l0_penalty()
         parts = {"bce": bce, "l0": l0, "loss": bce + self.gate_lambda * l0}
-        maps = model.class_maps(out["attn"], blocks, out["grid"]) if blocks else None
+        flat = model.class_patch_attention(out["attn"], blocks) if blocks else None
+        full = flat is not None and "kept" not in out  # maps over the whole patch grid
+        maps = flat.reshape(-1, model.num_classes, *out["grid"]) if full else None
         if has_patch_head:
             patch_logits = model.patch_logits(out["patch"]).float()
             parts["patch_bce"] = F.binary_cross_entropy_with_logits(patch_logits, labels)
@@ -77,6 +95,9 @@ class WSSSObjective:
         if self_guided:
             parts["self_guide"] = self.self_guide_loss(model, out["patch"], maps, labels)
             parts["loss"] = parts["loss"] + self.self_guide_weight * parts["self_guide"]
+        if decorrelated:
+            parts["decorrelation"] = map_similarity(flat, labels)
+            parts["loss"] = parts["loss"] + self.decorrelation_weight * parts["decorrelation"]
         if self.guided:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]

@@ -530,12 +530,20 @@ class ClassTokenViT(nn.Module):
 
     def class_maps(self, attn: Sequence[Tensor], attn_blocks: str | Sequence[int],
                    grid: tuple[int, int]) -> Tensor:
-        """Average class-to-patch attention [B,K,h,w] over open heads and the given blocks.
+        """Average class-to-patch attention [B,K,h,w] over open heads and the given blocks
+        (:meth:`class_patch_attention` on the ``h * w`` patches of ``grid``)."""
+        return self.class_patch_attention(attn, attn_blocks).reshape(-1, self.num_classes, *grid)
+
+    def class_patch_attention(self, attn: Sequence[Tensor],
+                              attn_blocks: str | Sequence[int]) -> Tensor:
+        """Average class-to-patch attention [B,K,N] over open heads and the given blocks, for
+        the N patch tokens the rows ``attn`` [B,heads,K,K+N+R] cover (all of them, or those a
+        patch dropout kept).
 
         A head counts as open when its deterministic gate is > 0; a block whose heads are all
         closed falls back to the mean over all its heads.
         """
-        k, n = self.num_classes, grid[0] * grid[1]
+        k, r = self.num_classes, self.num_registers
         indices = self.resolve_attn_blocks(attn_blocks)
         if len(attn) != len(indices):
             raise ValueError(f"class_maps got attention rows of {len(attn)} blocks for "
@@ -543,13 +551,13 @@ class ClassTokenViT(nn.Module):
                              "attn_blocks the forward pass was run with")
         maps = []
         for rows, index in zip(attn, indices):
-            patch_rows = rows[..., k:k + n]
+            patch_rows = rows[..., k:rows.shape[-1] - r]
             open_heads = (self.blocks[index].attn.head_weights() > 0).to(patch_rows.dtype)
             if open_heads.sum() == 0:
                 open_heads = torch.ones_like(open_heads)
             weights = open_heads / open_heads.sum()
             maps.append(torch.einsum("bhkn,h->bkn", patch_rows, weights))
-        return torch.stack(maps).mean(0).reshape(-1, k, *grid)
+        return torch.stack(maps).mean(0)
 
     def predict(self, x: Tensor, attn_blocks: str | Sequence[int] = "last",
                 labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
