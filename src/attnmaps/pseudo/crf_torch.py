@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .crf_params import CRFParams
-from .lattice import PermutohedralLattice, _csr
+from .lattice import PermutohedralLattice, csr_matrix
 
 PROB_FLOOR = 1e-5  # probabilities are clipped here before -log, as pydensecrf's utils do
 
@@ -176,8 +176,9 @@ class _AppearanceKernel:
             logits -= (pixel - block.index_select(0, index.flatten()).view_as(index)).square_() / 2
         weights = logits.sub_(logits.amax(0)).exp_()  # a softmax over the taps (dim 0 is slow)
         weights /= weights.sum(0)
-        return _csr(torch.arange(0, index.numel() + 1, 4, dtype=torch.int32, device=device),
-                    index.T.flatten(), weights.T.flatten(), (index.shape[1], batch * blocks))
+        offsets = torch.arange(0, index.numel() + 1, 4, dtype=torch.int32, device=device)
+        return csr_matrix(offsets, index.T.flatten(), weights.T.flatten(),
+                          (index.shape[1], batch * blocks))
 
     def __call__(self, maps: Tensor) -> Tensor:
         filtered = self.lattice.filter(self._down(maps))
