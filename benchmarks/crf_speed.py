@@ -5,13 +5,16 @@ the same parameters (PSA's defaults, 10 mean-field steps).
 Speed: a batch of synthetic scenes at the VOC preset's image size (224 x 224; a few color
 regions with texture noise, noisy unaries over background + 2 classes, as a pseudo mask of a
 VOC image has): seconds per image of each (median over interleaved rounds) and the median of
-the per-round ratios, plus how many pixels get the same label. ``pydensecrf`` is one C++
-thread; the torch CRF is timed at ``--threads`` (default 1, the like-for-like comparison).
+the per-round ratios, plus how many pixels get the same label. The torch CRF runs twice: with
+the appearance kernel's lattice on 2 x 2 pixel blocks (``--downsample``, default the
+``pseudo.crf_bilateral_downsample`` default) and on every pixel (``torch exact``, as
+``pydensecrf``). ``pydensecrf`` is one C++ thread; the torch CRF is timed at ``--threads``
+(default 1, the like-for-like comparison).
 
 Agreement on real pseudo masks: with ``--run DIR`` (e.g. the demo's ``DIR/run``) the run's
-validation split is evaluated twice with ``pseudo.crf=true``, once per backend, through the one
-evaluation path; reported: the fraction of pixels whose CRF-refined mask labels agree, and the
-mIoU of each.
+validation split is evaluated twice with ``pseudo.crf=true``, once per backend (the torch one
+with ``--downsample``), through the one evaluation path; reported: the fraction of pixels whose
+CRF-refined mask labels agree, and the mIoU of each.
 
     python benchmarks/crf_speed.py                          # 8 images, 224 x 224
     python benchmarks/crf_speed.py --run attnmaps_demo/run  # + agreement on the demo set
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +72,8 @@ def pydensecrf_labels(colors: Tensor, probs: Tensor, params: CRFParams) -> np.nd
                      for c, p in zip(colors, probs)])
 
 
-def demo_agreement(run: Path, limit: int | None) -> dict:
+def demo_agreement(run: Path, limit: int | None, downsample: int) -> dict:
     """Both backends through ``evaluate`` on the run's validation split (see the module doc)."""
-    from dataclasses import replace
-
     from torch.utils.data import Subset
 
     from attnmaps.data.registry import build_dataset
@@ -85,12 +87,13 @@ def demo_agreement(run: Path, limit: int | None) -> dict:
     masks, scores = {}, {}
     for backend in ("torch", "pydensecrf"):
         kept: list[Tensor] = []
-        metrics = evaluate(model, dataset, replace(cfg.pseudo, crf=True, crf_backend=backend),
-                           **eval_options(cfg),
+        settings = replace(cfg.pseudo, crf=True, crf_backend=backend,
+                           crf_bilateral_downsample=downsample)
+        metrics = evaluate(model, dataset, settings, **eval_options(cfg),
                            on_batch=lambda batch, probs, maps, pred, kept=kept: kept.append(
                                pred.cpu()))
         masks[backend], scores[backend] = torch.cat(kept), metrics["miou"]
-    return {"run": str(run), "images": len(dataset),
+    return {"run": str(run), "images": len(dataset), "bilateral_downsample": downsample,
             "pixels_agree": (masks["torch"] == masks["pydensecrf"]).double().mean().item(),
             "miou_torch": scores["torch"], "miou_pydensecrf": scores["pydensecrf"]}
 
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="the torch CRF's device")
+    parser.add_argument("--downsample", type=int, default=CRFParams.bilateral_downsample,
+                        help="the torch CRF's pseudo.crf_bilateral_downsample")
     parser.add_argument("--run", type=Path, default=None,
                         help="also measure agreement on this run's validation pseudo masks")
     parser.add_argument("--limit", type=int, default=None, help="first N images of --run")
@@ -118,10 +123,13 @@ def main() -> None:
         args.images, args.image_size, args.iterations, args.repeats = 2, 64, 5, 2
     apply_threads(args)
     device = torch.device(args.device)
-    params = CRFParams(iterations=args.iterations)
+    params = CRFParams(iterations=args.iterations, bilateral_downsample=args.downsample)
     colors, probs = scenes(args.images, args.image_size, args.labels, args.seed)
     on_device = (colors.to(device), probs.to(device))
-    fns = {"torch": lambda: dense_crf(*on_device, params).argmax(1)}
+    fns = {name: lambda crf_params=crf_params: dense_crf(*on_device, crf_params).argmax(1)
+           for name, crf_params in (("torch", params),
+                                    ("torch exact", replace(params, bilateral_downsample=1)))}
+    torch_names = list(fns)
     if HAS_PYDENSECRF:
         fns["pydensecrf"] = lambda: pydensecrf_labels(colors, probs, params)
     times = interleaved_times(fns, args.repeats, args.warmup, device)
@@ -131,16 +139,19 @@ def main() -> None:
               "seconds_per_image": per_image, "round_seconds": times}
     rows = [[name, per_image[name]] for name in fns]
     if HAS_PYDENSECRF:
-        result["pydensecrf_over_torch_time"] = paired_ratio(times["pydensecrf"], times["torch"])
-        got = fns["torch"]().cpu().numpy()
-        result["synthetic_pixels_agree"] = float((got == fns["pydensecrf"]()).mean())
-        rows.append(["pydensecrf / torch time", result["pydensecrf_over_torch_time"]])
-        rows.append(["pixels agree", result["synthetic_pixels_agree"]])
+        want = fns["pydensecrf"]()
+        for name in torch_names:
+            suffix = name.removeprefix("torch").replace(" ", "_")
+            ratio = paired_ratio(times["pydensecrf"], times[name])
+            agree = float((fns[name]().cpu().numpy() == want).mean())
+            result[f"pydensecrf_over_torch{suffix}_time"] = ratio
+            result[f"synthetic_pixels_agree{suffix}"] = agree
+            rows += [[f"pydensecrf / {name} time", ratio], [f"pixels agree, {name}", agree]]
     else:
         result["pydensecrf"] = "not installed (pip install 'attnmaps[crf]')"
     print_table(["", "value"], rows)
     if args.run is not None:
-        result["demo_agreement"] = demo_agreement(args.run, args.limit)
+        result["demo_agreement"] = demo_agreement(args.run, args.limit, args.downsample)
         print(result["demo_agreement"])
     write_json(args.out, result)
 

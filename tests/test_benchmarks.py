@@ -105,8 +105,10 @@ def test_class_attention_keeps_less_than_all_blocks_at_many_classes(tmp_path: Pa
 def test_crf_speed_reports_both_backends_and_their_agreement(tmp_path: Path) -> None:
     result = run_benchmark("crf_speed", [], tmp_path)
     assert result["seconds_per_image"]["torch"] > 0
+    assert result["seconds_per_image"]["torch exact"] > 0
     if "pydensecrf" in result["seconds_per_image"]:
         assert result["synthetic_pixels_agree"] >= 0.95
+        assert result["synthetic_pixels_agree_exact"] >= 0.95
 
 
 @pytest.mark.slow

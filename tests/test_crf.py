@@ -153,8 +153,11 @@ def test_evaluate_applies_crf_to_the_pseudo_masks():
 
 
 def test_crf_parameters_come_from_the_config_and_are_checked():
-    settings = PseudoMaskConfig(crf_iterations=3, crf_bilateral_srgb=5.0)
-    assert crf_params(settings) == CRFParams(iterations=3, bilateral_srgb=5.0)
+    settings = PseudoMaskConfig(crf_iterations=3, crf_bilateral_srgb=5.0,
+                                crf_bilateral_downsample=1)
+    assert crf_params(settings) == CRFParams(iterations=3, bilateral_srgb=5.0,
+                                             bilateral_downsample=1)
+    assert crf_params(PseudoMaskConfig()) == CRFParams()  # every default from CRFParams
     with pytest.raises(ValueError, match="pseudo.crf_bilateral_srgb"):
         crf_params(PseudoMaskConfig(crf_bilateral_srgb=0.0))
     with pytest.raises(ValueError, match="pseudo.crf_backend"):

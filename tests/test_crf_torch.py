@@ -5,6 +5,7 @@ extra installed) agreement with pydensecrf."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,39 +13,60 @@ import torch
 from torch.testing import assert_close
 
 from attnmaps.pseudo.crf import crf_refine
-from attnmaps.pseudo.crf_torch import DEFAULT_PARAMS, CRFParams, _mean_field, dense_crf
+from attnmaps.pseudo.crf_torch import (
+    DEFAULT_PARAMS,
+    CRFParams,
+    _AppearanceKernel,
+    _mean_field,
+    dense_crf,
+)
 from attnmaps.pseudo.lattice import PermutohedralLattice
 
 HEIGHT, WIDTH = 12, 14
 
 
-def scene(seed: int = 0, labels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def scene(seed: int = 0, labels: int = 3, height: int = HEIGHT, width: int = WIDTH
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Colors [1,H,W,3] of three noisy color blocks and noisy probabilities [1,L,H,W]."""
     gen = torch.Generator().manual_seed(seed)
-    truth = torch.zeros(HEIGHT, WIDTH, dtype=torch.long)
-    truth[:, WIDTH // 2:] = 1
-    truth[HEIGHT // 2:, : WIDTH // 3] = 2
+    truth = torch.zeros(height, width, dtype=torch.long)
+    truth[:, width // 2:] = 1
+    truth[height // 2:, : width // 3] = 2
     palette = torch.tensor([[30.0, 60.0, 200.0], [200.0, 40.0, 40.0], [40.0, 200.0, 60.0]])
-    colors = (palette[truth] + 15 * torch.randn(HEIGHT, WIDTH, 3, generator=gen)).clamp(0, 255)
+    colors = (palette[truth] + 15 * torch.randn(height, width, 3, generator=gen)).clamp(0, 255)
     probs = torch.nn.functional.one_hot(truth, labels).permute(2, 0, 1).float() * 0.4 + 0.3
     probs = (probs + 0.25 * torch.randn(probs.shape, generator=gen)).clamp(0.01, 1.0)
     return colors[None], probs[None]
 
 
+def pixel_positions(height: int, width: int) -> torch.Tensor:
+    """[H*W, 2] (x, y) of every pixel, row-major, float64."""
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                            torch.arange(width, dtype=torch.float64), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], 1)
+
+
+def appearance_features(colors: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """[H*W, 2+C] appearance features of one image's pixels, row-major, float64."""
+    _, height, width, channels = colors.shape
+    return torch.cat([pixel_positions(height, width) / params.bilateral_sxy,
+                      colors[0].reshape(-1, channels).double() / params.bilateral_srgb], 1)
+
+
+def exact_kernel(features: torch.Tensor) -> torch.Tensor:
+    """The N x N Gaussian kernel exp(-|f_i - f_j|^2 / 2)."""
+    return torch.exp(-torch.cdist(features, features) ** 2 / 2)
+
+
 def brute_force_crf(colors: torch.Tensor, probs: torch.Tensor, params: CRFParams) -> torch.Tensor:
     """Mean-field with the exact dense kernels: K = exp(-|f_i - f_j|^2 / 2) as an N x N matrix,
     symmetric normalization, Potts messages; one image, float64."""
-    _, height, width, channels = colors.shape
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
-                            torch.arange(width, dtype=torch.float64), indexing="ij")
-    position = torch.stack([xs.flatten(), ys.flatten()], 1)
-    rgb = colors[0].reshape(-1, channels).double()
+    _, height, width, _ = colors.shape
     kernels = []
-    for features, compat in ((position / params.gaussian_sxy, params.gaussian_compat),
-                             (torch.cat([position / params.bilateral_sxy,
-                                         rgb / params.bilateral_srgb], 1),
-                              params.bilateral_compat)):
-        k = torch.exp(-torch.cdist(features, features) ** 2 / 2)
+    for features, compat in ((pixel_positions(height, width) / params.gaussian_sxy,
+                              params.gaussian_compat),
+                             (appearance_features(colors, params), params.bilateral_compat)):
+        k = exact_kernel(features)
         norm = k.sum(1).rsqrt()
         kernels.append(compat * norm[:, None] * k * norm[None, :])
     unary = -probs[0].double().clamp_min(1e-5).log().reshape(probs.shape[1], -1).T  # [N, L]
@@ -63,13 +85,50 @@ def test_smoothness_kernel_alone_equals_brute_force(labels):
                  atol=2e-3, rtol=0)
 
 
-def test_full_crf_is_close_to_brute_force():
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_full_crf_is_close_to_brute_force(downsample):
     colors, probs = scene()
-    params = CRFParams(iterations=5, bilateral_sxy=6.0, bilateral_srgb=20.0)
+    params = CRFParams(iterations=5, bilateral_sxy=6.0, bilateral_srgb=20.0,
+                       bilateral_downsample=downsample)
     got, want = dense_crf(colors, probs, params).double(), brute_force_crf(colors, probs, params)
     assert (got - want).abs().max() < 0.1
     assert (got.argmax(1) == want.argmax(1)).double().mean() >= 0.97
     assert not torch.equal(want.argmax(1), probs.argmax(1))  # the CRF changed labels
+
+
+def test_appearance_kernel_without_downsampling_is_the_lattice_of_the_pixels():
+    colors, probs = scene(height=9, width=11)
+    params = replace(DEFAULT_PARAMS, bilateral_downsample=1)
+    want = PermutohedralLattice(appearance_features(colors, params).float()).filter(
+        probs[0].reshape(3, -1).T)
+    got = _AppearanceKernel(colors, params)(probs)
+    assert torch.equal(got[0].reshape(3, -1).T, want)
+
+
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_downsampled_appearance_kernel_approximates_the_exact_filter(downsample):
+    # PSA's widths; 25 x 31 pixels: partial blocks at the right and bottom.
+    colors, probs = scene(height=25, width=31)
+    params = replace(DEFAULT_PARAMS, bilateral_downsample=downsample)
+    kernel, exact = _AppearanceKernel(colors, params), exact_kernel(
+        appearance_features(colors, params))
+    # The normalized filter (the weighted mean of the values) in 0..1, as the CRF's
+    # normalization removes the kernel's scale.
+    got = (kernel(probs) / kernel(torch.ones(1, 1, 25, 31)))[0].reshape(3, -1).T.double()
+    want = exact @ probs[0].reshape(3, -1).T.double() / exact.sum(1, keepdim=True)
+    error = (got - want).abs()
+    # For comparison, the exact lattice (downsample 1) itself: mean 0.004, max 0.08 here.
+    assert error.mean() < 0.03 and error.max() < 0.35
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_downsampled_crf_labels_agree_with_the_exact_ones(seed):
+    colors, probs = scene(seed, height=49, width=57)  # PSA's parameters
+    exact = dense_crf(colors, probs, replace(DEFAULT_PARAMS, bilateral_downsample=1)).argmax(1)
+    got = dense_crf(colors, probs).argmax(1)
+    assert DEFAULT_PARAMS.bilateral_downsample == 2
+    assert (got == exact).double().mean() >= 0.99
+    assert (exact != probs.argmax(1)).double().mean() > 0.1  # the CRF changed labels
 
 
 def test_lattice_approximates_the_exact_gaussian_filter():
@@ -193,6 +252,8 @@ def test_bad_inputs_name_what_is_wrong():
         dense_crf(colors, probs, allowed=torch.zeros(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="pseudo.crf_iterations"):
         CRFParams(iterations=-1)
+    with pytest.raises(ValueError, match="pseudo.crf_bilateral_downsample"):
+        CRFParams(bilateral_downsample=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

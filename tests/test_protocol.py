@@ -36,6 +36,7 @@ PROTOCOL_KEYS = {"split", "num_images", "labels", "tta", "refinement", "backgrou
 def test_block_records_the_config():
     cfg = load_config(None, ["pseudo.use_true_labels=true", "pseudo.refine_iterations=5",
                              "pseudo.crf=true", "pseudo.crf_bilateral_srgb=5",
+                             "pseudo.crf_bilateral_downsample=3",
                              "pseudo.tta_scales=0.5,1.0", "train.batch_size=48",
                              "train.seed=3", "train.precision=bf16"])
     block = build_protocol(cfg, split="train", num_images=7)
@@ -44,6 +45,7 @@ def test_block_records_the_config():
                                                                       "true image labels")
     assert block["refinement"]["pamr_iterations"] == 5
     assert block["refinement"]["crf"]["bilateral_srgb"] == 5.0
+    assert block["refinement"]["crf"]["bilateral_downsample"] == 3
     assert block["refinement"]["crf"]["backend"] == "torch"
     assert block["tta"] == {"scales": [0.5, 1.0], "flip": False}
     assert block["background_threshold"] == {"value": 0.3, "chosen_by": FIXED}

@@ -160,6 +160,7 @@ class PseudoMaskConfig:
     crf_bilateral_sxy: float = CRFParams.bilateral_sxy
     crf_bilateral_srgb: float = CRFParams.bilateral_srgb
     crf_bilateral_compat: float = CRFParams.bilateral_compat
+    crf_bilateral_downsample: int = field(default=CRFParams.bilateral_downsample, metadata=_COUNT)
 
 
 @dataclass

@@ -23,6 +23,8 @@ far from all objects a confident one. The CRF of an image runs over the labels i
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -36,11 +38,8 @@ BACKENDS = ("torch", "pydensecrf")
 
 def crf_params(settings: PseudoMaskConfig) -> CRFParams:
     """The CRF parameters of the ``pseudo.crf_*`` config keys."""
-    return CRFParams(iterations=settings.crf_iterations, gaussian_sxy=settings.crf_gaussian_sxy,
-                     gaussian_compat=settings.crf_gaussian_compat,
-                     bilateral_sxy=settings.crf_bilateral_sxy,
-                     bilateral_srgb=settings.crf_bilateral_srgb,
-                     bilateral_compat=settings.crf_bilateral_compat)
+    return CRFParams(**{field.name: getattr(settings, f"crf_{field.name}")
+                        for field in dataclasses.fields(CRFParams)})
 
 
 def crf_refine(image: np.ndarray, probs: np.ndarray, params: CRFParams = DEFAULT_PARAMS

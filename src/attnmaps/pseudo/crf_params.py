@@ -20,8 +20,14 @@ class CRFParams:
     bilateral_sxy: float = 80.0
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
+    # The torch backend's appearance kernel on a grid of factor x factor pixel blocks (their
+    # mean positions and colors); 1: on every pixel, as pydensecrf.
+    bilateral_downsample: int = 2
 
     def __post_init__(self) -> None:
+        if self.bilateral_downsample < 1:
+            raise ValueError(f"CRF pseudo.crf_bilateral_downsample must be >= 1, got "
+                             f"{self.bilateral_downsample}")
         if self.iterations < 0:
             raise ValueError(f"CRF iterations (pseudo.crf_iterations) must be >= 0, got "
                              f"{self.iterations}")

@@ -72,10 +72,11 @@ class PermutohedralLattice:
             0, entries, inverse.to(index))
         # Slicing also scales: by Krähenbühl's 1 / (1 + 2^-d), and by 1/2 per blurred axis.
         scale = 1.0 / ((1.0 + 2.0**-d) * 2.0 ** (d + 1))
-        self.slice = _csr(torch.arange(0, len(entries) + 1, d + 1, dtype=index, device=device),
-                          columns, weights * scale, (num_points, num_vertices + 1))
-        self.splat = _csr(_offsets(counts).to(index), entries.to(index) // (d + 1),
-                          weights.index_select(0, entries), (num_vertices + 1, num_points))
+        self.slice = csr_matrix(
+            torch.arange(0, len(entries) + 1, d + 1, dtype=index, device=device), columns,
+            weights * scale, (num_points, num_vertices + 1))
+        self.splat = csr_matrix(_offsets(counts).to(index), entries.to(index) // (d + 1),
+                                weights.index_select(0, entries), (num_vertices + 1, num_points))
         # Blur along axis j: the neighbour one step down (every coordinate - 1, coordinate j
         # + d) is found by its key; the one step up is the vertex whose down neighbour it is.
         # Absent neighbours are M, a zero row below the lattice's M values (a spare column
@@ -182,7 +183,9 @@ def _offsets(counts: Tensor) -> Tensor:
     return torch.cat([ends.new_zeros(1), ends, ends[-1:]])
 
 
-def _csr(offsets: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+def csr_matrix(offsets: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]
+               ) -> Tensor:
+    """A sparse CSR matrix (without the beta warning)."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(offsets, columns, values, size)
