@@ -105,7 +105,8 @@ def test_demo_writes_metrics_and_picture(tmp_path: Path) -> None:
         assert key in metrics
     assert metrics["protocol"]["checkpoint_id"] and metrics["stages"][0]["stage"] == "raw"
     assert (out / "attention_grid.png").stat().st_size > 10_000
-    assert load_config(out / "run" / "config.yaml").model.patch_head  # --from-scratch adds it
+    cfg = load_config(out / "run" / "config.yaml")
+    assert cfg.model.patch_head and cfg.train.patch_dropout == 0.5  # --from-scratch adds them
 
 
 @pytest.mark.parametrize(
