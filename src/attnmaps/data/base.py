@@ -182,8 +182,9 @@ class ImageDataset(Dataset):
         if mask is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         image, mask = self.augment(image, mask)
-        tensor = torch.from_numpy(image).permute(2, 0, 1)
-        if not (self.uint8_images and tensor.dtype == torch.uint8):
+        if self.uint8_images and image.dtype == np.uint8:
+            tensor = torch.from_numpy(image).permute(2, 0, 1)
+        else:
             unit = torch.from_numpy(image_to_float(image)).permute(2, 0, 1)
             tensor = normalize_images(self.augment.photometric(unit), self.mean, self.std)
         return {"image": tensor.contiguous(), "labels": labels,
