@@ -98,16 +98,40 @@ def test_map_similarity_against_a_hand_example() -> None:
     assert map_similarity(maps, torch.zeros(1, 3)) == 0
 
 
-def test_objective_adds_the_weighted_map_similarity_with_patch_dropout() -> None:
+def test_map_similarity_of_present_pairs_against_a_hand_example() -> None:
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+    both = torch.tensor([[1.0, 0.0, 1.0]])  # present pairs (0,2) (2,0): orthogonal
+    assert map_similarity(maps, both, "present") == 0
+    first_two = torch.tensor([[1.0, 1.0, 0.0]])  # (0,1) (1,0): cos 45 deg each
+    torch.testing.assert_close(map_similarity(maps, first_two, "present"),
+                               torch.tensor(0.5 ** 0.5))
+    assert map_similarity(maps, torch.tensor([[0.0, 1.0, 0.0]]), "present") == 0  # one class
+
+
+def test_map_similarity_equals_a_loop_over_pairs() -> None:
+    torch.manual_seed(0)
+    maps, labels = torch.rand(4, 5, 7), (torch.rand(4, 5) < 0.5).float()
+    for pairs in ("all", "present"):
+        values = [F.cosine_similarity(maps[b, c], maps[b, d], dim=0)
+                  for b in range(4) for c in range(5) for d in range(5)
+                  if c != d and labels[b, c] > 0 and (pairs == "all" or labels[b, d] > 0)]
+        torch.testing.assert_close(map_similarity(maps, labels, pairs), torch.stack(values).mean())
+    with pytest.raises(ValueError, match="pairs='absent'"):
+        map_similarity(maps, labels, "absent")
+
+
+@pytest.mark.parametrize("pairs", ["all", "present"])
+def test_objective_adds_the_weighted_map_similarity_with_patch_dropout(pairs: str) -> None:
     model = small_model().train()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
-    cfg = TrainConfig(gate_lambda=0.0, patch_dropout=0.5, map_decorrelation_weight=0.7)
+    cfg = TrainConfig(gate_lambda=0.0, patch_dropout=0.5, map_decorrelation_weight=0.7,
+                      map_decorrelation_pairs=pairs)
     torch.manual_seed(3)
     parts = WSSSObjective(cfg, "all", True)(model, {"image": images, "labels": labels}, "cpu")
     torch.manual_seed(3)
     out = model.forward_features(images, attn_blocks=[0, 1], patch_dropout=0.5)
     rows = [a[..., 3:3 + 8].mean(1) for a in out["attn"]]  # heads averaged, kept patches only
-    expected = map_similarity((rows[0] + rows[1]) / 2, labels)
+    expected = map_similarity((rows[0] + rows[1]) / 2, labels, pairs)
     torch.testing.assert_close(parts["decorrelation"], expected)
     bce = F.binary_cross_entropy_with_logits(model.forward_head(out["cls"]), labels)
     patch_bce = F.binary_cross_entropy_with_logits(model.patch_logits(out["patch"]), labels)

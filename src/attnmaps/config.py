@@ -140,6 +140,9 @@ class TrainConfig:
     # weight of the mean cosine similarity between each present class's attention map and the
     # maps of the other classes (class-specific maps; 0 = off)
     map_decorrelation_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    # which maps each present class's map is compared with: "all" other classes, or only the
+    # other classes "present" in the same image (co-occurring objects kept apart)
+    map_decorrelation_pairs: str = field(default="all", metadata={"choices": ("all", "present")})
     # share of patch tokens dropped at random in each training step (PatchDropout; 0 = off)
     patch_dropout: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
 

@@ -17,16 +17,20 @@ from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
 
 
-def map_similarity(maps: Tensor, labels: Tensor) -> Tensor:
+def map_similarity(maps: Tensor, labels: Tensor, pairs: str = "all") -> Tensor:
     """Mean cosine similarity between the attention map [N] of each present class (``labels``
-    [B,K] > 0) and the map of every other class, over ``maps`` [B,K,N]; 0 without a present
-    class. Low when each class token looks at its own region."""
+    [B,K] > 0) and the map of every other class (``pairs="all"``) or of every other *present*
+    class of the same image (``pairs="present"``), over ``maps`` [B,K,N]; 0 without such a
+    pair. Low when each class token looks at its own region."""
+    if pairs not in ("all", "present"):
+        raise ValueError(f"pairs={pairs!r}; expected 'all' or 'present'")
     unit = F.normalize(maps.float(), dim=-1)
     cosine = unit @ unit.transpose(1, 2)
     present = labels > 0
-    pairs = present.unsqueeze(2) & ~torch.eye(maps.shape[1], dtype=torch.bool,
-                                              device=maps.device)
-    return (cosine * pairs).sum() / pairs.sum().clamp_min(1)
+    partners = present.unsqueeze(1) if pairs == "present" else torch.ones_like(present)[:, None]
+    chosen = (present.unsqueeze(2) & partners
+              & ~torch.eye(maps.shape[1], dtype=torch.bool, device=maps.device))
+    return (cosine * chosen).sum() / chosen.sum().clamp_min(1)
 
 
 class WSSSObjective:
@@ -43,7 +47,8 @@ class WSSSObjective:
     (:meth:`self_guide_loss`; labels only, no pixel labels). With ``patch_dropout > 0`` each
     step sees a random share of each image's patch tokens only (PatchDropout; not with the map
     terms, which need every patch). With ``map_decorrelation_weight > 0`` the mean cosine
-    similarity of each present class's map with the other classes' maps is added
+    similarity of each present class's map with the other classes' maps (or, with
+    ``map_decorrelation_pairs="present"``, with the other present classes' maps) is added
     (:func:`map_similarity`; works with patch dropout). The CAMAL term
     (mixed supervision, ``train.mask_fraction > 0``) compares the class-token attention maps of
     the blocks ``attn_blocks`` (a spec such as ``"all"``, or indices) with the masks of the images
@@ -63,6 +68,7 @@ class WSSSObjective:
         self.guided = cfg.mask_fraction > 0
         self.patch_dropout = cfg.patch_dropout
         self.decorrelation_weight = cfg.map_decorrelation_weight
+        self.decorrelation_pairs = cfg.map_decorrelation_pairs
         self.attn_blocks = attn_blocks
         self.label_offset = 1 if has_background else 0
         self.guide = CAMALLoss(form=cfg.guide_form)
@@ -96,7 +102,7 @@ class WSSSObjective:
             parts["self_guide"] = self.self_guide_loss(model, out["patch"], maps, labels)
             parts["loss"] = parts["loss"] + self.self_guide_weight * parts["self_guide"]
         if decorrelated:
-            parts["decorrelation"] = map_similarity(flat, labels)
+            parts["decorrelation"] = map_similarity(flat, labels, self.decorrelation_pairs)
             parts["loss"] = parts["loss"] + self.decorrelation_weight * parts["decorrelation"]
         if self.guided:
             parts["guide"] = self.guide_loss(maps, batch, labels)
