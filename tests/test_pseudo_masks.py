@@ -57,6 +57,36 @@ def test_merge_highest_probability_wins_overlap(probs, winner):
     assert out.tolist() == [[[0, winner, 1]]]
 
 
+def test_merge_by_map_gives_each_pixel_its_highest_claimed_map():
+    maps = torch.tensor([[[[0.9, 0.6, 0.2, 0.7]], [[0.5, 0.8, 0.9, 0.7]], [[1.0, 1.0, 1.0, 1.0]]]])
+    probs = torch.tensor([[0.3, 0.2, 0.99]])  # class 2 most probable but not selected
+    selected = torch.tensor([[True, True, False]])
+    out = merge_masks(maps, probs, selected, 0.55, has_background=True, rule="map")
+    # pixel 2: class 0 below the threshold -> class 1; pixel 3: a tie -> the lower index
+    assert out.tolist() == [[[1, 2, 2, 1]]]
+    by_probability = merge_masks(maps, probs, selected, 0.55, has_background=True)
+    assert by_probability.tolist() == [[[1, 1, 2, 1]]]
+
+
+def test_merge_by_map_equals_a_per_pixel_loop():
+    torch.manual_seed(0)
+    maps, probs = torch.rand(3, 4, 5, 6), torch.rand(3, 4)
+    selected = torch.rand(3, 4) < 0.6
+    out = merge_masks(maps, probs, selected, 0.4, has_background=True, rule="map")
+    for b in range(3):
+        for i in range(5):
+            for j in range(6):
+                claims = [(maps[b, c, i, j].item(), -c) for c in range(4)
+                          if selected[b, c] and maps[b, c, i, j] >= 0.4]
+                assert out[b, i, j] == (1 - max(claims)[1] if claims else 0)
+
+
+def test_merge_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="pseudo.merge"):
+        merge_masks(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2), torch.ones(1, 2), 0.3, True,
+                    rule="order")
+
+
 def test_merge_threshold_boundary_and_selection():
     maps = torch.tensor([[[[0.5, 0.4999, 0.75]], [[1.0, 1.0, 1.0]]]])
     probs = torch.tensor([[0.9, 0.95]])
@@ -285,6 +315,23 @@ def test_make_pseudo_masks_equals_class_by_class_painting(
     if not has_background:
         everything = fill_unassigned(everything, classes)
     assert torch.equal(out, everything)
+
+
+@pytest.mark.parametrize("has_background", [True, False])
+def test_make_pseudo_masks_by_map_equals_merging_every_map(has_background):
+    generator = torch.Generator().manual_seed(7)
+    maps, probs = torch.rand(6, 5, 3, 4, generator=generator), torch.rand(6, 5, generator=generator)
+    labels = (torch.rand(6, 5, generator=generator) < 0.5).float()
+    size = (9, 10)
+    out = make_pseudo_masks(maps, probs, size, threshold=0.3, has_background=has_background,
+                            labels=labels, merge="map")
+    everything = merge_masks(min_max_normalize(upsample_maps(maps, size)), probs,
+                             select_classes(probs, labels), 0.3, has_background, rule="map")
+    if not has_background:
+        everything = fill_unassigned(everything, 5)
+    assert torch.equal(out, everything)
+    assert not torch.equal(out, make_pseudo_masks(maps, probs, size, threshold=0.3, labels=labels,
+                                                   has_background=has_background))
 
 
 def test_save_round_trip(tmp_path):

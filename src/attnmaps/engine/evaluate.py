@@ -149,7 +149,7 @@ class PseudoMaskEvaluator:
         prob_threshold = self.settings.prob_threshold
         masks = make_pseudo_masks(full, probs, tuple(full.shape[-2:]), threshold=threshold,
                                   labels=labels, has_background=self.has_background,
-                                  prob_threshold=prob_threshold)
+                                  prob_threshold=prob_threshold, merge=self.settings.merge)
         if colors is None:
             return masks
         selected = select_classes(probs, labels, prob_threshold)

@@ -44,14 +44,20 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+MERGE_RULES = ("probability", "map")
+
+
 def merge_masks(
-    maps: Tensor, probs: Tensor, selected: Tensor, threshold: float, has_background: bool
+    maps: Tensor, probs: Tensor, selected: Tensor, threshold: float, has_background: bool,
+    rule: str = "probability",
 ) -> Tensor:
     """Merge per-class maps [B,K,H,W] (values in [0, 1]) into one int64 label map [B,H,W].
 
     A selected class claims every pixel where its map is ``>= threshold``. Where several classes
-    claim a pixel, the one with the highest ``probs`` wins (the same result as painting classes
-    in order of increasing probability); equal probabilities are won by the lower class index.
+    claim a pixel, ``rule="probability"`` (the paper's) gives it to the one with the highest
+    ``probs`` (the same result as painting classes in order of increasing probability);
+    ``rule="map"`` gives it to the one whose map is highest at that pixel (the per-pixel argmax
+    of CAM methods). Ties are won by the lower class index.
     With background, class ``c`` is labelled ``c + 1`` and unclaimed pixels ``0``; without
     background, class ``c`` is labelled ``c`` and unclaimed pixels ``-1`` (see
     :func:`fill_unassigned`).
@@ -63,10 +69,13 @@ def merge_masks(
             raise ValueError(
                 f"{name} must have shape [B,K] = {(batch, classes)}, got {tuple(tensor.shape)}"
             )
+    if rule not in MERGE_RULES:
+        raise ValueError(f"merge rule {rule!r} is not one of {MERGE_RULES} (pseudo.merge)")
     claimed = (maps >= threshold) & selected.bool()[:, :, None, None]
+    key = probs.to(maps.dtype)[:, :, None, None] if rule == "probability" else maps
     scores = torch.where(
         claimed,
-        probs.to(maps.dtype)[:, :, None, None],
+        key,
         torch.tensor(float("-inf"), dtype=maps.dtype, device=maps.device),
     )
     # max(dim).indices: the first maximum, like argmax, but far faster on CPU over a short dim
@@ -172,6 +181,7 @@ def make_pseudo_masks(
     has_background: bool,
     labels: Tensor | None = None,
     prob_threshold: float = 0.5,
+    merge: str = "probability",
 ) -> Tensor:
     """Turn class attention maps [B,K,h,w] into int64 pseudo-masks [B,H,W].
 
@@ -188,7 +198,8 @@ def make_pseudo_masks(
     classes, valid = selected_indices(select_classes(probs, labels, prob_threshold))
     picked = maps.gather(1, classes[:, :, None, None].expand(-1, -1, *maps.shape[-2:]))
     full = min_max_normalize(upsample_maps(picked, image_size))
-    slots = merge_masks(full, probs.gather(1, classes), valid, threshold, has_background=False)
+    slots = merge_masks(full, probs.gather(1, classes), valid, threshold, has_background=False,
+                        rule=merge)
     claimed = slots != UNASSIGNED
     winners = classes.gather(1, slots.clamp(min=0).flatten(1)).view_as(slots)
     merged = torch.where(claimed, winners, torch.full_like(winners, UNASSIGNED))

@@ -95,7 +95,7 @@ class ClassTokenPredictor(Predictor):
         masks = make_pseudo_masks(scores, probs, tuple(images.shape[-2:]),
                                   threshold=settings.threshold,
                                   has_background=self.label_offset > 0,
-                                  prob_threshold=settings.prob_threshold)
+                                  prob_threshold=settings.prob_threshold, merge=settings.merge)
         return masks, scores
 
 
