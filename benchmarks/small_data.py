@@ -48,6 +48,10 @@ VARIANTS = {
     "no masking": ["model.mask_rate=0"],
     "no gates": ["model.gates=false"],
     "no register": ["model.num_registers=0"],
+    "class attention (class_blocks=2)": ["model.class_blocks=2"],
+    "merge by probability": ["pseudo.merge=probability"],
+    "drop path 0.1": ["model.drop_path=0.1"],
+    "rotate 15": ["data.rotate=15"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
                              "train.batch_size=64", "model.patch_head=false",
                              "train.patch_dropout=0"],
@@ -57,7 +61,7 @@ KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
 QUICK = {"num_train": 48, "num_tune": 16, "num_val": 16, "size": 32,
          "overrides": ["model.img_size=32,32", "train.epochs=1", "train.batch_size=16",
                        "train.warmup_epochs=0.5"], "pamr": 2,
-         "variants": ["recipe", "no prior bias"]}
+         "variants": ["recipe", "no prior bias", "merge by probability"]}
 
 
 def ensure_data(root: Path, num_train: int, num_tune: int, num_val: int, size: int) -> Path:
@@ -68,9 +72,10 @@ def ensure_data(root: Path, num_train: int, num_tune: int, num_val: int, size: i
     return root
 
 
-def score(run: Path, split: str, pamr: int) -> dict:
-    """Raw and PAMR-refined pseudo-mask scores of a finished run on ``split``."""
-    cfg, model = load_run(run)
+def score(run: Path, split: str, pamr: int, pseudo_overrides: list[str]) -> dict:
+    """Raw and PAMR-refined pseudo-mask scores of a finished run on ``split``, with the
+    ``pseudo.*`` settings of ``pseudo_overrides`` in place of the run's."""
+    cfg, model = load_run(run, pseudo_overrides)
     dataset = build_dataset(cfg.data, split, train=False)
     result = {}
     for prefix, iterations in (("raw_", 0), ("", pamr)):
@@ -83,23 +88,29 @@ def score(run: Path, split: str, pamr: int) -> dict:
     return result
 
 
-def run_one(out: Path, data: Path, name: str, overrides: list[str], seed: int, split: str,
+def run_one(out: Path, data: Path, name: str, shared: list[str], seed: int, split: str,
             pamr: int) -> dict:
-    """Train (or read back) one variant and seed, then score it on ``split``."""
-    run = out / f"{name.replace(' ', '_')}_seed{seed}"
-    cached = run / f"score_{split}.json"
+    """Train (or read back) one variant and seed with the ``shared`` overrides too, then score
+    it on ``split``. A variant that changes ``pseudo.*`` keys only is scored on the recipe's
+    run of the same seed."""
+    pseudo = [item for item in VARIANTS[name] if item.startswith("pseudo.")]
+    training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
+    trained = name if training or not pseudo else "recipe"
+    run = out / f"{trained.replace(' ', '_')}_seed{seed}"
+    cached = out / f"{name.replace(' ', '_')}_seed{seed}" / f"score_{split}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     timing = run / "timing.json"
     if not timing.is_file():
         cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
                                    "data.val_split=tune", "pseudo.refine_iterations=0",
-                                   *overrides])
+                                   *training, *shared])
         wall, cpu = time.time(), time.process_time()
         train(cfg, resume=(run / "last.safetensors").exists())
         timing.write_text(json.dumps({"train_seconds": time.time() - wall,
                                       "train_cpu_seconds": time.process_time() - cpu}))
-    result = {**score(run, split, pamr), **json.loads(timing.read_text())}
+    result = {**score(run, split, pamr, pseudo), **json.loads(timing.read_text())}
+    cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=2))
     return result
 
@@ -131,8 +142,8 @@ def main() -> None:
     extra = [*sizes["overrides"], *([f"train.epochs={args.epochs}"] if args.epochs else [])]
     floor_cfg = load_config(CONFIG, [f"data.root={data}", *sizes["overrides"]])
     floor = floor_miou(build_dataset(floor_cfg.data, args.split, train=False))
-    results = {name: [run_one(args.out, data, name, [*VARIANTS[name], *extra], seed, args.split,
-                              sizes["pamr"]) for seed in range(args.seeds)]
+    results = {name: [run_one(args.out, data, name, extra, seed, args.split, sizes["pamr"])
+                      for seed in range(args.seeds)]
                for name in sizes["variants"]}
     summary = {name: summarise(runs) for name, runs in results.items()}
     report = {"split": args.split, "seeds": args.seeds, "floor_miou": floor,

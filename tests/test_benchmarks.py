@@ -120,8 +120,13 @@ def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "small_data_tune.json").read_text())
     assert 0.0 <= report["floor_miou"] <= 1.0
-    assert set(report["summary"]) == {"recipe", "no prior bias"}
+    assert set(report["summary"]) == {"recipe", "no prior bias", "merge by probability"}
     for row in report["summary"].values():
         for key in ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels"):
             assert 0.0 <= row[key][0] <= 1.0
         assert row["train_cpu_seconds"][0] > 0
+    # a pseudo-only variant is scored on the recipe's run: same model, same training time
+    recipe, merged = report["summary"]["recipe"], report["summary"]["merge by probability"]
+    assert merged["map"] == recipe["map"]
+    assert merged["train_cpu_seconds"] == recipe["train_cpu_seconds"]
+    assert not (tmp_path / "merge_by_probability_seed0" / "last.safetensors").exists()
