@@ -68,15 +68,26 @@ def test_merge_by_map_gives_each_pixel_its_highest_claimed_map():
     assert by_probability.tolist() == [[[1, 1, 2, 1]]]
 
 
-def test_merge_by_map_equals_a_per_pixel_loop():
+def test_the_three_merge_rules_on_a_hand_example():
+    maps = torch.tensor([[[[0.5, 0.8]], [[1.0, 1.0]]]])
+    probs, selected = torch.tensor([[0.9, 0.6]]), torch.ones(1, 2, dtype=torch.bool)
+    expected = {"probability": [1, 1], "map": [2, 2],
+                "weighted": [2, 1]}  # 0.45 < 0.6, then 0.72 > 0.6
+    for rule, labels in expected.items():
+        assert merge_masks(maps, probs, selected, 0.4, True, rule=rule).tolist() == [[labels]]
+
+
+@pytest.mark.parametrize("rule", ["map", "weighted"])
+def test_merge_by_map_equals_a_per_pixel_loop(rule):
     torch.manual_seed(0)
     maps, probs = torch.rand(3, 4, 5, 6), torch.rand(3, 4)
     selected = torch.rand(3, 4) < 0.6
-    out = merge_masks(maps, probs, selected, 0.4, has_background=True, rule="map")
+    out = merge_masks(maps, probs, selected, 0.4, has_background=True, rule=rule)
     for b in range(3):
         for i in range(5):
             for j in range(6):
-                claims = [(maps[b, c, i, j].item(), -c) for c in range(4)
+                weight = [probs[b, c].item() if rule == "weighted" else 1.0 for c in range(4)]
+                claims = [(maps[b, c, i, j].item() * weight[c], -c) for c in range(4)
                           if selected[b, c] and maps[b, c, i, j] >= 0.4]
                 assert out[b, i, j] == (1 - max(claims)[1] if claims else 0)
 

@@ -151,9 +151,10 @@ class TrainConfig:
 class PseudoMaskConfig:
     threshold: float = field(default=0.3, metadata=_FRACTION)
     prob_threshold: float = field(default=0.5, metadata=_FRACTION)
-    # who wins a pixel several classes claim: "probability" (the paper: the most probable class)
-    # or "map" (the class whose normalised map is highest there)
-    merge: str = field(default="probability", metadata={"choices": ("probability", "map")})
+    # who wins a pixel several classes claim: "probability" (the paper: the most probable class),
+    # "map" (the class whose normalised map is highest there) or "weighted" (map x probability)
+    merge: str = field(default="probability",
+                       metadata={"choices": ("probability", "map", "weighted")})
     use_true_labels: bool = False
     refine_iterations: int = field(default=0, metadata=_NON_NEGATIVE)
     tta_scales: list[float] = field(default_factory=lambda: [1.0], metadata=_POSITIVE)

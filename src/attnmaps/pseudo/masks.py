@@ -44,7 +44,7 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-MERGE_RULES = ("probability", "map")
+MERGE_RULES = ("probability", "map", "weighted")
 
 
 def merge_masks(
@@ -57,7 +57,9 @@ def merge_masks(
     claim a pixel, ``rule="probability"`` (the paper's) gives it to the one with the highest
     ``probs`` (the same result as painting classes in order of increasing probability);
     ``rule="map"`` gives it to the one whose map is highest at that pixel (the per-pixel argmax
-    of CAM methods). Ties are won by the lower class index.
+    of CAM methods); ``rule="weighted"`` to the one with the highest map x probability (a
+    doubtful class keeps only the pixels where its map clearly wins). Ties are won by the lower
+    class index.
     With background, class ``c`` is labelled ``c + 1`` and unclaimed pixels ``0``; without
     background, class ``c`` is labelled ``c`` and unclaimed pixels ``-1`` (see
     :func:`fill_unassigned`).
@@ -72,7 +74,8 @@ def merge_masks(
     if rule not in MERGE_RULES:
         raise ValueError(f"merge rule {rule!r} is not one of {MERGE_RULES} (pseudo.merge)")
     claimed = (maps >= threshold) & selected.bool()[:, :, None, None]
-    key = probs.to(maps.dtype)[:, :, None, None] if rule == "probability" else maps
+    weights = probs.to(maps.dtype)[:, :, None, None]
+    key = {"probability": weights, "map": maps, "weighted": maps * weights}[rule]
     scores = torch.where(
         claimed,
         key,
