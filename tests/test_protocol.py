@@ -29,7 +29,7 @@ from attnmaps.protocol import (
 )
 from attnmaps.pseudo.threshold import MapHistogram, otsu_threshold
 
-PROTOCOL_KEYS = {"split", "num_images", "labels", "tta", "refinement", "background_threshold",
+PROTOCOL_KEYS = {"split", "num_images", "labels", "merge", "tta", "refinement", "background_threshold",
                  "precision", "global_batch_size", "seed", "code_version", "checkpoint_id"}
 
 
@@ -38,8 +38,10 @@ def test_block_records_the_config():
                              "pseudo.crf=true", "pseudo.crf_bilateral_srgb=5",
                              "pseudo.crf_bilateral_downsample=3",
                              "pseudo.tta_scales=0.5,1.0", "train.batch_size=48",
-                             "train.seed=3", "train.precision=bf16"])
+                             "train.seed=3", "train.precision=bf16", "pseudo.merge=weighted"])
     block = build_protocol(cfg, split="train", num_images=7)
+    assert block["merge"] == "weighted"
+    assert build_protocol(Config(), split="val", num_images=1)["merge"] == "probability"
     assert PROTOCOL_KEYS <= set(block)
     assert (block["split"], block["num_images"], block["labels"]) == ("train", 7,
                                                                       "true image labels")
