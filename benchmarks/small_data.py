@@ -7,8 +7,9 @@ on ``--split`` twice: raw class-token maps (refinement off) and PAMR-refined map
 predicted and from true image labels, next to the no-learning floor on the same images; also
 mAP, class-map correlation, heads closed, and the training's wall-clock and process CPU seconds.
 A variant of ``pseudo.*`` keys only (e.g. "merge by probability") is scored on the recipe's run
-of the same seed, without training. Choose settings on ``--split tune``; report ``--split val``. Finished runs are read back, so an
-interrupted benchmark resumes. Writes ``--out/small_data_<split>.json`` and prints a table.
+of the same seed, without training. Choose settings on ``--split tune``; report ``--split val``.
+Finished runs are read back, so an interrupted benchmark resumes. Writes
+``--out/small_data_<split>.json`` and prints a table.
 
     python benchmarks/small_data.py --out runs/small_data --split tune --seeds 1 --epochs 6
     python benchmarks/small_data.py --out runs/small_data --split val --seeds 3 --variants recipe

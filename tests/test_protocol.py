@@ -29,8 +29,9 @@ from attnmaps.protocol import (
 )
 from attnmaps.pseudo.threshold import MapHistogram, otsu_threshold
 
-PROTOCOL_KEYS = {"split", "num_images", "labels", "merge", "tta", "refinement", "background_threshold",
-                 "precision", "global_batch_size", "seed", "code_version", "checkpoint_id"}
+PROTOCOL_KEYS = {"split", "num_images", "labels", "merge", "tta", "refinement",
+                 "background_threshold", "precision", "global_batch_size", "seed", "code_version",
+                 "checkpoint_id"}
 
 
 def test_block_records_the_config():
