@@ -22,12 +22,12 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from attnmaps.config import load_config
+from attnmaps.config import PseudoMaskConfig, load_config
 from attnmaps.data.cutout_scenes import digit_cutouts, write_cutout_voc
 from attnmaps.data.registry import build_dataset
 from attnmaps.demo import floor_miou
@@ -74,14 +74,14 @@ def ensure_data(root: Path, num_train: int, num_tune: int, num_val: int, size: i
     return root
 
 
-def score(run: Path, split: str, pamr: int, pseudo_overrides: list[str]) -> dict:
-    """Raw and PAMR-refined pseudo-mask scores of a finished run on ``split``, with the
-    ``pseudo.*`` settings of ``pseudo_overrides`` in place of the run's."""
-    cfg, model = load_run(run, pseudo_overrides)
+def score(run: Path, split: str, pamr: int, settings: PseudoMaskConfig) -> dict:
+    """Raw and PAMR-refined pseudo-mask scores of a finished run on ``split`` with the pseudo-mask
+    ``settings`` (the current recipe's, not those the run was trained with)."""
+    cfg, model = load_run(run)
     dataset = build_dataset(cfg.data, split, train=False)
     result = {}
     for prefix, iterations in (("raw_", 0), ("", pamr)):
-        metrics = evaluate(model, dataset, replace(cfg.pseudo, refine_iterations=iterations),
+        metrics = evaluate(model, dataset, replace(settings, refine_iterations=iterations),
                            **eval_options(cfg))
         result[f"{prefix}miou"] = metrics["miou"]
         result[f"{prefix}miou_true_labels"] = metrics["miou_true_labels"]
@@ -93,15 +93,20 @@ def score(run: Path, split: str, pamr: int, pseudo_overrides: list[str]) -> dict
 def run_one(out: Path, data: Path, name: str, shared: list[str], seed: int, split: str,
             pamr: int) -> dict:
     """Train (or read back) one variant and seed with the ``shared`` overrides too, then score
-    it on ``split``. A variant that changes ``pseudo.*`` keys only is scored on the recipe's
-    run of the same seed."""
+    it on ``split`` with the recipe's pseudo-mask settings plus the variant's. A variant that
+    changes ``pseudo.*`` keys only is scored on the recipe's run of the same seed. A cached
+    score made with other settings (an older recipe) is made again."""
     pseudo = [item for item in VARIANTS[name] if item.startswith("pseudo.")]
     training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
     trained = name if training or not pseudo else "recipe"
     run = out / f"{trained.replace(' ', '_')}_seed{seed}"
+    settings = load_config(CONFIG, [*shared, *pseudo]).pseudo
+    recorded = json.loads(json.dumps(asdict(settings)))
     cached = out / f"{name.replace(' ', '_')}_seed{seed}" / f"score_{split}.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        result = json.loads(cached.read_text())
+        if result.get("pseudo") == recorded:
+            return result
     timing = run / "timing.json"
     if not timing.is_file():
         cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
@@ -111,7 +116,8 @@ def run_one(out: Path, data: Path, name: str, shared: list[str], seed: int, spli
         train(cfg, resume=(run / "last.safetensors").exists())
         timing.write_text(json.dumps({"train_seconds": time.time() - wall,
                                       "train_cpu_seconds": time.process_time() - cpu}))
-    result = {**score(run, split, pamr, pseudo), **json.loads(timing.read_text())}
+    result = {**score(run, split, pamr, settings), **json.loads(timing.read_text()),
+              "pseudo": recorded}
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=2))
     return result

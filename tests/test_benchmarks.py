@@ -130,3 +130,14 @@ def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     assert merged["map"] == recipe["map"]
     assert merged["train_cpu_seconds"] == recipe["train_cpu_seconds"]
     assert not (tmp_path / "merge_by_probability_seed0" / "last.safetensors").exists()
+    # a score cached under other pseudo-mask settings (an older recipe) is made again
+    cached = tmp_path / "recipe_seed0" / "score_tune.json"
+    stale = {**json.loads(cached.read_text()), "miou": -1.0}
+    stale["pseudo"]["merge"] = "map"
+    cached.write_text(json.dumps(stale))
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
+                            "--out", str(tmp_path)], check=False, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rescored = json.loads(cached.read_text())
+    assert rescored["miou"] == recipe["miou"][0] and rescored["pseudo"]["merge"] == "weighted"

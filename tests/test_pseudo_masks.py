@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnmaps.config import PseudoMaskConfig
 from attnmaps.conventions import min_max_normalize
+from attnmaps.engine.evaluate import PseudoMaskEvaluator
 from attnmaps.pseudo.masks import (
     fill_unassigned,
     make_pseudo_masks,
@@ -90,6 +92,13 @@ def test_merge_by_map_equals_a_per_pixel_loop(rule):
                 claims = [(maps[b, c, i, j].item() * weight[c], -c) for c in range(4)
                           if selected[b, c] and maps[b, c, i, j] >= 0.4]
                 assert out[b, i, j] == (1 - max(claims)[1] if claims else 0)
+
+
+def test_merge_ranks_low_precision_maps_in_float32():
+    maps = torch.tensor([[[[0.5004]], [[0.5]]]], dtype=torch.bfloat16)  # both round to 0.5
+    probs = torch.tensor([[0.5, 0.5002]])
+    out = merge_masks(maps, probs, torch.ones(1, 2, dtype=torch.bool), 0.4, True, rule="weighted")
+    assert out.item() == 2  # equal bf16 maps: the higher probability decides, no bf16 tie
 
 
 def test_merge_rejects_an_unknown_rule():
@@ -328,21 +337,24 @@ def test_make_pseudo_masks_equals_class_by_class_painting(
     assert torch.equal(out, everything)
 
 
+@pytest.mark.parametrize("merge", ["probability", "map", "weighted"])
 @pytest.mark.parametrize("has_background", [True, False])
-def test_make_pseudo_masks_by_map_equals_merging_every_map(has_background):
+def test_make_pseudo_masks_equals_merging_every_map_for_each_rule(has_background, merge):
     generator = torch.Generator().manual_seed(7)
     maps, probs = torch.rand(6, 5, 3, 4, generator=generator), torch.rand(6, 5, generator=generator)
     labels = (torch.rand(6, 5, generator=generator) < 0.5).float()
     size = (9, 10)
     out = make_pseudo_masks(maps, probs, size, threshold=0.3, has_background=has_background,
-                            labels=labels, merge="map")
+                            labels=labels, merge=merge)
     everything = merge_masks(min_max_normalize(upsample_maps(maps, size)), probs,
-                             select_classes(probs, labels), 0.3, has_background, rule="map")
+                             select_classes(probs, labels), 0.3, has_background, rule=merge)
     if not has_background:
         everything = fill_unassigned(everything, 5)
     assert torch.equal(out, everything)
-    assert not torch.equal(out, make_pseudo_masks(maps, probs, size, threshold=0.3, labels=labels,
-                                                   has_background=has_background))
+    others = [make_pseudo_masks(maps, probs, size, threshold=0.3, labels=labels, merge=rule,
+                                has_background=has_background)
+              for rule in ("probability", "map", "weighted") if rule != merge]
+    assert all(not torch.equal(out, other) for other in others)
 
 
 def test_save_round_trip(tmp_path):
@@ -360,3 +372,22 @@ def test_save_rejects_unfilled_masks(tmp_path):
         save_pseudo_masks(tmp_path, ["a"], torch.tensor([[[0, -1]]]))
     with pytest.raises(ValueError, match="2 ids"):
         save_pseudo_masks(tmp_path, ["a", "b"], torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("merge", "expected"), [("probability", 0.5), ("map", 1.0),
+                                                 ("weighted", 1.0)])
+def test_evaluator_merges_with_the_configured_rule(merge, expected):
+    # two objects side by side below a background row; each class's map covers both objects,
+    # higher on its own: the paper's rule gives both to the more probable class
+    maps = torch.zeros(1, 2, 4, 8)
+    maps[0, 0, 1:, :4], maps[0, 0, 1:, 4:] = 1.0, 0.7
+    maps[0, 1, 1:, :4], maps[0, 1, 1:, 4:] = 0.7, 1.0
+    truth = torch.zeros(1, 4, 8, dtype=torch.int64)
+    truth[0, 1:, :4], truth[0, 1:, 4:] = 1, 2
+    evaluator = PseudoMaskEvaluator(2, PseudoMaskConfig(threshold=0.5, merge=merge))
+    made = evaluator.update(torch.zeros(1, 3, 4, 8), torch.ones(1, 2), truth,
+                            torch.tensor([[0.9, 0.8]]), maps)
+    assert evaluator.compute()["miou_true_labels"] == pytest.approx(expected)
+    assert torch.equal(made["true"], make_pseudo_masks(maps, torch.tensor([[0.9, 0.8]]), (4, 8),
+                                                       threshold=0.5, has_background=True,
+                                                       labels=torch.ones(1, 2), merge=merge))

@@ -3,6 +3,7 @@ resume, ``attnmaps segment / predict / report`` end to end on a tiny synthetic s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -22,6 +23,8 @@ from attnmaps.data.image_io import read_mask
 from attnmaps.data.synthetic import write_synthetic_voc
 from attnmaps.engine.train import train
 from attnmaps.models.factory import create_model
+from attnmaps.pseudo.masks import make_pseudo_masks
+from attnmaps.segment import predictors
 from attnmaps.segment.loss import cross_entropy_ignore
 from attnmaps.segment.pipeline import segment_config
 from attnmaps.segment.predict import sliding_window_logits, tile_starts, whole_logits
@@ -258,3 +261,20 @@ def test_smp_missing_names_the_extra() -> None:
     cfg = load_config(None, [*TINY, "segment.arch=smp"])
     with pytest.raises(ImportError, match=r"attnmaps\[smp\]"):
         create_segmenter(cfg.model, cfg.segment, num_classes=4, num_labels=5)
+
+
+@pytest.mark.parametrize("merge", ["probability", "weighted"])
+def test_stage1_predictor_merges_with_the_run_s_rule(stage1: Path, merge: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    predictor = predictors.load_predictor(stage1, device="cpu")
+    predictor.cfg = dataclasses.replace(
+        predictor.cfg, pseudo=dataclasses.replace(predictor.cfg.pseudo, merge=merge))
+    rules = []
+
+    def recording(*args, **kwargs):
+        rules.append(kwargs["merge"])
+        return make_pseudo_masks(*args, **kwargs)
+
+    monkeypatch.setattr(predictors, "make_pseudo_masks", recording)
+    masks, _ = predictor(torch.rand(2, 3, 40, 36))
+    assert rules == [merge] and masks.shape == (2, 40, 36)

@@ -45,7 +45,9 @@ def uncertain_pixels(scores: Tensor, selected: Tensor, threshold: float, ignore_
     ``selected`` [B,K] the classes of each image. With ``s1 >= s2`` the two best selected
     scores of a pixel, it is uncertain when ``|s1 - threshold| < ignore_margin`` (close to the
     background threshold) or when ``s2 >= threshold`` and ``s1 - s2 < class_margin`` (two classes
-    claim it almost equally). Margins of 0 mark nothing.
+    claim it almost equally). Margins of 0 mark nothing. The margins compare the maps themselves
+    whatever ``pseudo.merge`` is: a pixel that two classes' maps claim almost equally is doubtful
+    under every merge rule.
     """
     if scores.dim() != 4 or tuple(selected.shape) != tuple(scores.shape[:2]):
         raise ValueError(f"scores must be [B,K,H,W] and selected [B,K], got "
