@@ -50,7 +50,7 @@ VARIANTS = {
     "no masking": ["model.mask_rate=0"],
     "no gates": ["model.gates=false"],
     "no register": ["model.num_registers=0"],
-    "class attention (class_blocks=2)": ["model.class_blocks=2"],
+    "no class attention": ["model.class_blocks=0"],
     "merge by probability": ["pseudo.merge=probability"],
     "drop path 0.1": ["model.drop_path=0.1"],
     "rotate 15": ["data.rotate=15"],
