@@ -20,12 +20,17 @@ from safetensors.torch import load_file
 from attnmaps.cli import main
 from attnmaps.config import load_config, save_config
 from attnmaps.data.image_io import read_mask
+from attnmaps.data.registry import build_dataset
 from attnmaps.data.synthetic import write_synthetic_voc
 from attnmaps.engine.train import train
+from attnmaps.errors import ConfigError
 from attnmaps.models.factory import create_model
 from attnmaps.pseudo.masks import make_pseudo_masks
+from attnmaps.pseudo.pamr import pamr
 from attnmaps.segment import predictors
+from attnmaps.segment.evaluate import evaluate_segmenter
 from attnmaps.segment.loss import cross_entropy_ignore
+from attnmaps.segment.model import load_segmenter
 from attnmaps.segment.pipeline import segment_config
 from attnmaps.segment.predict import sliding_window_logits, tile_starts, whole_logits
 from attnmaps.segment.seeds import uncertain_pixels
@@ -278,3 +283,61 @@ def test_stage1_predictor_merges_with_the_run_s_rule(stage1: Path, merge: str,
     monkeypatch.setattr(predictors, "make_pseudo_masks", recording)
     masks, _ = predictor(torch.rand(2, 3, 40, 36))
     assert rules == [merge] and masks.shape == (2, 40, 36)
+
+
+def _miou_by_hand(preds: list[np.ndarray], masks: list[np.ndarray], num_labels: int) -> float:
+    """mIoU over the classes that occur in the truth or the prediction, 255 left out."""
+    pred, true = np.concatenate([p.ravel() for p in preds]), np.concatenate([m.ravel() for m in
+                                                                             masks])
+    keep = true != 255
+    pred, true = pred[keep], true[keep]
+    ious = [((pred == c) & (true == c)).sum() / ((pred == c) | (true == c)).sum()
+            for c in range(num_labels) if ((pred == c) | (true == c)).any()]
+    return float(np.mean(ious))
+
+
+def test_stage2_refinement_is_pamr_on_the_network_s_probabilities(stage1: Path,
+                                                                  stage2: Path) -> None:
+    net, seg, names = load_segmenter(stage2 / "last.safetensors")
+    assert seg.refine_iterations == 2  # TINY's pseudo.refine_iterations, taken over
+    torch.manual_seed(0)
+    with torch.no_grad():  # the tiny run labels nearly everything background: vary its output
+        for parameter in net.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    cfg = load_config(stage2 / "config.yaml")
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    refined, raw, masks = [], [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            image = sample["image"][None]
+            probs = sliding_window_logits(net, image, tuple(seg.window), seg.overlap).softmax(1)
+            refined.append(pamr(image, probs, 2).argmax(1)[0].numpy())
+            raw.append(probs.argmax(1)[0].numpy())
+            masks.append(sample["mask"].numpy())
+    scores = evaluate_segmenter(net, dataset, seg, len(names))
+    assert scores["refine_iterations"] == 2
+    assert scores["miou"] == pytest.approx(_miou_by_hand(refined, masks, len(names)), abs=1e-6)
+    assert scores["raw_miou"] == pytest.approx(_miou_by_hand(raw, masks, len(names)), abs=1e-6)
+    unrefined = evaluate_segmenter(net, dataset, seg, len(names), refine=False)
+    assert unrefined["refine_iterations"] == 0 and "raw_miou" not in unrefined
+    assert unrefined["miou"] == pytest.approx(scores["raw_miou"], abs=1e-9)
+    assert any((a != b).any() for a, b in zip(refined, raw))  # the refinement changed pixels
+    predictor = predictors.load_predictor(stage2, device="cpu")
+    predictor.net = net
+    images = torch.stack([dataset[i]["image"] for i in range(3)])
+    predicted, probs = predictor(images)
+    expected = pamr(images, sliding_window_logits(net, images, tuple(seg.window),
+                                                  seg.overlap).softmax(1), 2)
+    assert torch.equal(predicted, expected.argmax(1))
+    torch.testing.assert_close(probs, expected[:, predictor.label_offset:])
+    metrics = json.loads((stage2 / "metrics.json").read_text())["stage2"]
+    assert metrics["refine_iterations"] == 2 and "raw_miou" in metrics
+
+
+def test_stage2_refinement_setting(stage1: Path, tmp_path: Path) -> None:
+    assert segment_config(stage1, tmp_path, []).segment.refine_iterations == 2
+    off = segment_config(stage1, tmp_path, ["segment.refine_iterations=0"])
+    assert off.segment.refine_iterations == 0
+    with pytest.raises(ConfigError, match="segment.refine_iterations"):
+        segment_config(stage1, tmp_path, ["segment.refine_iterations=-1"])

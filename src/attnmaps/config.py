@@ -200,6 +200,9 @@ class SegmentConfig:
     inference: str = field(default="slide", metadata={"choices": ("slide", "whole", "resize")})
     window: list[int] | None = field(default=None, metadata=_PAIR)
     overlap: int = 16
+    # PAMR iterations on the network's class probabilities at inference (evaluation, predict):
+    # the stage-1 refinement applied to the second stage's output; None: pseudo.refine_iterations
+    refine_iterations: int | None = None
     smp_arch: str = "DeepLabV3Plus"
     smp_encoder: str = "resnet18"
     smp_encoder_weights: str | None = None
@@ -492,6 +495,8 @@ def _validate_segment(seg: SegmentConfig) -> None:
         ("low_level_dim", seg.low_level_dim >= 0, "0 (no image branch) or more"),
         ("overlap", seg.overlap >= 0, "0 or more pixels"),
         ("max_images", seg.max_images >= 0, "0 (the whole split) or a number of images"),
+        ("refine_iterations", seg.refine_iterations is None or seg.refine_iterations >= 0,
+         "0 (no refinement), a number of PAMR iterations, or null (pseudo.refine_iterations)"),
     ]
     for key, ok, expected in checks:
         if not ok:

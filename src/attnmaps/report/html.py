@@ -64,6 +64,10 @@ def results_table(metrics: dict) -> str:
     rows = [("seeds, training split, true image labels", seeds["miou_true_labels"]),
             ("stage 1 (class-token masks), validation, predicted labels", stage1["miou"]),
             ("stage 2 (segmentation network), validation, no labels", stage2["miou"])]
+    if "raw_miou" in stage2:
+        rows[-1] = (f"{rows[-1][0]}, {stage2['refine_iterations']} PAMR iterations",
+                    stage2["miou"])
+        rows.append(("stage 2 without the refinement", stage2["raw_miou"]))
     body = "".join(f"<tr><td>{html.escape(name)}</td><td class=num>{_fmt(v)}</td></tr>"
                    for name, v in rows)
     band = (f"<p class=caption>Ignore band: margin {seeds['ignore_margin']} around the background "
@@ -91,7 +95,9 @@ def curves(log_path: Path) -> str:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
         if log_path.is_file() else []
     steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["epoch"] + 1, r["eval"]["miou"]) for r in records if "eval" in r]
+    # the network's own (unrefined) mIoU: only the last epoch is also scored refined
+    evals = [(r["epoch"] + 1, r["eval"].get("raw_miou", r["eval"]["miou"])) for r in records
+             if "eval" in r]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
     if steps:
         left.plot(*zip(*steps))

@@ -33,12 +33,14 @@ METRICS = "metrics.json"
 
 def segment_config(stage1_run: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Config:
     """The stage-1 run's config with ``overrides``, ``out_dir`` and ``segment.stage1_run`` set,
-    and ``segment.window`` defaulting to the training size (``data.image_size`` or
-    ``model.img_size``)."""
+    ``segment.window`` defaulting to the training size (``data.image_size`` or
+    ``model.img_size``) and ``segment.refine_iterations`` to ``pseudo.refine_iterations``."""
     cfg = load_config(stage1_run / "config.yaml", overrides)
     window = cfg.segment.window or cfg.data.image_size or cfg.model.img_size
+    refine = cfg.segment.refine_iterations
     return dataclasses.replace(cfg, out_dir=str(out_dir), segment=dataclasses.replace(
-        cfg.segment, stage1_run=str(stage1_run), window=list(window)))
+        cfg.segment, stage1_run=str(stage1_run), window=list(window),
+        refine_iterations=cfg.pseudo.refine_iterations if refine is None else refine))
 
 
 def _stage1_scores(cfg: Config, out_dir: Path) -> dict:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import SegmentConfig
+from ..pseudo.pamr import pamr
 
 
 def tile_starts(length: int, size: int, stride: int) -> list[int]:
@@ -108,6 +109,21 @@ def resize_logits(model: nn.Module, images: Tensor, window: Sequence[int]) -> Te
     size = _check_window(window, 0, getattr(model, "size_multiple", 1))
     logits = model(F.interpolate(images, size=size, mode="bilinear", align_corners=False))
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def infer_probs(model: nn.Module, images: Tensor, seg: SegmentConfig,
+                refine: bool = True) -> Tensor:
+    """Class probabilities [B,L,H,W]: the softmax of :func:`infer_logits`, then (with
+    ``refine`` and ``seg.refine_iterations`` > 0) PAMR on ``images`` — the refinement the seeds
+    had, as DeepLab's dense CRF refines its output. Each pixel's probabilities keep summing to 1
+    (PAMR averages them over neighbours)."""
+    probs = infer_logits(model, images, seg).softmax(1)
+    return refine_probs(images, probs, seg.refine_iterations or 0) if refine else probs
+
+
+def refine_probs(images: Tensor, probs: Tensor, iterations: int) -> Tensor:
+    """``probs`` [B,L,H,W] after ``iterations`` PAMR iterations on ``images`` (none: as given)."""
+    return pamr(images, probs, iterations) if iterations else probs
 
 
 def infer_logits(model: nn.Module, images: Tensor, seg: SegmentConfig) -> Tensor:

@@ -28,7 +28,7 @@ from ..pseudo.masks import make_pseudo_masks, select_classes
 from ..pseudo.tta import tta_predict
 from ..runtime import resolve_device
 from .model import is_segmenter, load_segmenter
-from .predict import infer_logits
+from .predict import infer_probs
 from .seeds import class_scores
 
 
@@ -54,7 +54,8 @@ class Predictor:
 
 
 class SegmenterPredictor(Predictor):
-    """The second stage's network, inferred as its ``segment.inference`` says."""
+    """The second stage's network, inferred as its ``segment.inference`` says and refined as its
+    ``segment.refine_iterations`` says."""
 
     kind = "segmentation network (stage 2)"
 
@@ -65,7 +66,7 @@ class SegmenterPredictor(Predictor):
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        probs = infer_logits(self.net, images.to(self.device), self.seg).softmax(1)
+        probs = infer_probs(self.net, images.to(self.device), self.seg)
         return probs.argmax(1), probs[:, self.label_offset:]
 
 

@@ -92,16 +92,21 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
     labels = num_labels(run.val_set)
+    # as in stage 1, the refinement (slow, it only changes the masks) scores the last epoch only
     metrics = evaluate_segmenter(run.scored_model, run.val_set, cfg.segment, labels,
-                                 run.batch_size)
+                                 run.batch_size, refine=epoch == cfg.train.epochs - 1)
     metrics["images_per_second"] = images_per_second
     save_state(run, epoch, run.steps_per_epoch)
     if ctx.is_main:
-        summary = {key: metrics[key] for key in ("miou", "pixel_acc", "mean_acc",
-                                                 "per_class_iou", "images_per_second")}
+        summary = {key: metrics[key] for key in ("miou", "pixel_acc", "mean_acc", "per_class_iou",
+                                                 "images_per_second", "refine_iterations",
+                                                 "raw_miou") if key in metrics}
         append_log(run.log_path, {"epoch": epoch, "step": run.step, "eval": summary})
-        logger.info("segment epoch %d/%d: validation mIoU %.3f (no image labels, %.0f images/s)",
-                    epoch + 1, cfg.train.epochs, metrics["miou"], images_per_second)
+        refined = (f", {metrics['refine_iterations']} PAMR iterations; unrefined "
+                   f"{metrics['raw_miou']:.3f}" if "raw_miou" in metrics else "")
+        logger.info("segment epoch %d/%d: validation mIoU %.3f (no image labels%s; %.0f "
+                    "images/s)", epoch + 1, cfg.train.epochs, metrics["miou"], refined,
+                    images_per_second)
     barrier()
     return metrics
 
