@@ -134,6 +134,9 @@ class TrainConfig:
     mix_alpha: float = 1.0
     mix_prob: float = 0.5
     gate_lr_scale: float = 1.0
+    # epochs before the head gates start to move (their learning rate is 0 until then): prune
+    # once the classifier has learned, not while it is still at chance
+    gate_start_epoch: float = field(default=0.0, metadata=_NON_NEGATIVE)
     patch_loss_weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     attention_pool_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_guide_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)

@@ -6,7 +6,9 @@ step whatever the size of its gradient (so ``train.gate_lambda`` decides the dir
 speed), and a warm-up + cosine schedule of ``T`` steps at peak ``lr`` travels about
 ``lr * T / 2`` in total: 0.65 for the demo's 1,300 steps at 1e-3. No gate can close in such a run.
 Two remedies, each a config key: a larger learning rate for the gates alone
-(``train.gate_lr_scale``) and a lower starting ``log_alpha`` (``model.gate_init``).
+(``train.gate_lr_scale``) and a lower starting ``log_alpha`` (``model.gate_init``). And a later
+start (``train.gate_start_epoch``): the gates stay where they are until the classifier has
+learned, then move with the rest of the schedule.
 
 Example:
     >>> set_gate_init(model, 1.0)  # doctest: +SKIP
@@ -57,3 +59,32 @@ def scale_gate_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
     if moved["params"]:
         optimizer.add_param_group(moved)
+
+
+def gate_groups(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Indices of the parameter groups that hold gate parameters only (see :func:`scale_gate_lr`)."""
+    return [i for i, group in enumerate(optimizer.param_groups)
+            if group.get("param_names") and all(n.endswith(GATE_PARAM)
+                                                for n in group["param_names"])]
+
+
+def delay_gates(scheduler: torch.optim.lr_scheduler.LambdaLR, start_step: int) -> None:
+    """Hold the gate groups' learning rate at 0 for the steps before ``start_step``, then follow
+    their schedule as before (no restart: the factor at step ``s`` is the original one).
+
+    Needs the gates in a group of their own (:func:`scale_gate_lr`, any scale); works on a fresh
+    or a resumed scheduler (the groups' current rate is set for its current step).
+    """
+    groups = gate_groups(scheduler.optimizer)
+    if not groups:
+        raise ValueError("delay_gates needs the gates in their own parameter group: call "
+                         "scale_gate_lr first")
+    for i in groups:
+        original = scheduler.lr_lambdas[i]
+
+        def delayed(step: int, original=original) -> float:
+            return 0.0 if step < start_step else original(step)
+
+        scheduler.lr_lambdas[i] = delayed
+        scheduler.optimizer.param_groups[i]["lr"] = (scheduler.base_lrs[i]
+                                                     * delayed(scheduler.last_epoch))

@@ -77,7 +77,7 @@ from .distributed import (
 )
 from .ema import ModelEMA, build_ema, ema_state
 from .evaluate import eval_options, evaluate
-from .gate_schedule import scale_gate_lr, set_gate_init
+from .gate_schedule import delay_gates, scale_gate_lr, set_gate_init
 from .interrupt import Interrupted, StopRequest
 from .label_prior import init_head_bias, label_frequencies
 from .objective import WSSSObjective
@@ -322,12 +322,15 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                               train_set.has_background)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
-    if cfg.train.gate_lr_scale != 1.0:
+    if cfg.train.gate_lr_scale != 1.0 or cfg.train.gate_start_epoch > 0:
         scale_gate_lr(optimizer, cfg.train.gate_lr_scale)
     metadata = checkpoint_metadata(cfg.model, model.num_classes,
                                    getattr(val_set, "class_names", None))
-    return assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set,
-                        metadata, allow_changes)
+    run = assemble_run(cfg, ctx, resume, model, objective, optimizer, train_set, val_set,
+                       metadata, allow_changes)
+    if cfg.train.gate_start_epoch > 0:
+        delay_gates(run.scheduler, round(cfg.train.gate_start_epoch * run.steps_per_epoch))
+    return run
 
 
 def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
