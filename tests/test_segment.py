@@ -327,10 +327,16 @@ def test_stage2_refinement_is_pamr_on_the_network_s_probabilities(stage1: Path,
     predictor.net = net
     images = torch.stack([dataset[i]["image"] for i in range(3)])
     predicted, probs = predictor(images)
-    expected = pamr(images, sliding_window_logits(net, images, tuple(seg.window),
-                                                  seg.overlap).softmax(1), 2)
+
+    def expected_raw(images: torch.Tensor) -> torch.Tensor:
+        return sliding_window_logits(net, images, tuple(seg.window), seg.overlap).softmax(1)
+
+    expected = pamr(images, expected_raw(images), 2)
     assert torch.equal(predicted, expected.argmax(1))
     torch.testing.assert_close(probs, expected[:, predictor.label_offset:])
+    unrefined_predictor = predictors.load_predictor(stage2, device="cpu", refine_iterations=0)
+    unrefined_predictor.net = net
+    assert torch.equal(unrefined_predictor(images)[0], expected_raw(images).argmax(1))
     metrics = json.loads((stage2 / "metrics.json").read_text())["stage2"]
     assert metrics["refine_iterations"] == 2 and "raw_miou" in metrics
 

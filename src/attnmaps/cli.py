@@ -152,7 +152,8 @@ def _predict(args: argparse.Namespace) -> None:
     from .segment.images import predict_files
     from .segment.predictors import load_predictor
 
-    predictor = load_predictor(Path(args.model), args.device, args.inference)
+    predictor = load_predictor(Path(args.model), args.device, args.inference,
+                               args.refine_iterations)
     result = predict_files(predictor, [Path(p) for p in args.images], Path(args.out),
                            batch_size=args.batch_size)
     print(f"{predictor.kind}: {len(result['written'])} masks and overlays written to {args.out}"
@@ -186,6 +187,9 @@ def add_stage2_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     predict.add_argument("--inference", choices=("slide", "whole", "resize"),
                          help="stage 2: replaces the run's segment.inference")
+    predict.add_argument("--refine-iterations", type=int, metavar="N",
+                         help="stage 2: PAMR iterations on the network's output, replacing the "
+                              "run's segment.refine_iterations (0: the network's own masks)")
     predict.set_defaults(func=_predict)
 
     report = sub.add_parser("report", help="one self-contained HTML page for a second-stage run")

@@ -100,11 +100,12 @@ class ClassTokenPredictor(Predictor):
         return masks, scores
 
 
-def load_predictor(run_dir: Path, device: str = "auto",
-                   inference: str | None = None) -> Predictor:
+def load_predictor(run_dir: Path, device: str = "auto", inference: str | None = None,
+                   refine_iterations: int | None = None) -> Predictor:
     """The predictor of a run directory: stage 2 when its weights are a second-stage network
-    (``inference`` replaces its ``segment.inference`` when given), else the stage-1 class-token
-    model (which always sees the image resized to its training size)."""
+    (``inference`` and ``refine_iterations`` replace its ``segment.inference`` and
+    ``segment.refine_iterations`` when given), else the stage-1 class-token model (which always
+    sees the image resized to its training size)."""
     config_path = run_dir / "config.yaml"
     weights, _ = checkpoint_paths(run_dir)
     for path in (config_path, weights):
@@ -120,6 +121,10 @@ def load_predictor(run_dir: Path, device: str = "auto",
         net, seg, names = load_segmenter(weights)
         if inference is not None:
             seg = dataclasses.replace(seg, inference=inference)
+        if refine_iterations is not None:
+            if refine_iterations < 0:
+                raise ValueError(f"--refine-iterations must be 0 or more, got {refine_iterations}")
+            seg = dataclasses.replace(seg, refine_iterations=refine_iterations)
         num_classes = int(read_metadata(weights)["num_classes"])
         return SegmenterPredictor(net, seg, names or default_names(num_classes), num_classes,
                                   cfg, target)
