@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -114,16 +115,23 @@ def resize_logits(model: nn.Module, images: Tensor, window: Sequence[int]) -> Te
 def infer_probs(model: nn.Module, images: Tensor, seg: SegmentConfig,
                 refine: bool = True) -> Tensor:
     """Class probabilities [B,L,H,W]: the softmax of :func:`infer_logits`, then (with
-    ``refine`` and ``seg.refine_iterations`` > 0) PAMR on ``images`` — the refinement the seeds
-    had, as DeepLab's dense CRF refines its output. Each pixel's probabilities keep summing to 1
-    (PAMR averages them over neighbours)."""
+    ``refine`` and ``seg.refine_iterations`` > 0) PAMR on ``images`` (:func:`refine_probs`) —
+    the refinement the seeds had, as DeepLab's dense CRF refines its output."""
     probs = infer_logits(model, images, seg).softmax(1)
     return refine_probs(images, probs, seg.refine_iterations or 0) if refine else probs
 
 
 def refine_probs(images: Tensor, probs: Tensor, iterations: int) -> Tensor:
-    """``probs`` [B,L,H,W] after ``iterations`` PAMR iterations on ``images`` (none: as given)."""
-    return pamr(images, probs, iterations) if iterations else probs
+    """``probs`` [B,L,H,W] after ``iterations`` PAMR iterations on ``images`` (none: as given).
+
+    Only the labels that win at least one pixel of an image are refined, the others set to 0 (as
+    stage 1 refines only the selected classes' maps): the cost and memory follow the labels in
+    the image, not all L (150 on ADE20K)."""
+    if not iterations:
+        return probs
+    winners = torch.zeros(probs.shape[:2], dtype=torch.bool, device=probs.device)
+    winners.scatter_(1, probs.argmax(1).flatten(1), True)
+    return pamr(images, probs * winners[..., None, None], iterations, selected=winners)
 
 
 def infer_logits(model: nn.Module, images: Tensor, seg: SegmentConfig) -> Tensor:
