@@ -104,7 +104,7 @@ def curves(log_path: Path) -> str:
     left.set(xlabel="step", ylabel="training loss", title="loss")
     if evals:
         right.plot(*zip(*evals), marker="o")
-    right.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU (no labels)")
+    right.set(xlabel="epoch", ylabel="mIoU", title="validation mIoU (no labels, unrefined)")
     figure.tight_layout()
     return f"<img alt='training curves' src='{png_data_uri(figure=figure)}'>"
 
