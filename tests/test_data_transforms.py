@@ -165,3 +165,43 @@ def test_dataset_augmentation_keeps_alignment(tmp_path):
         assert _check_aligned(pixels, sample["mask"].numpy()) > 24 * 24 // 2
     assert torch.equal(evaluation[0]["image"], evaluation[0]["image"])
     assert torch.equal(evaluation[0]["mask"], torch.tensor(resize_mask(mask, (24, 24))).long())
+
+
+def test_rotation_starts_at_rotate_start_epoch(tmp_path, monkeypatch):
+    from attnmaps.config import load_config
+    from attnmaps.data import transforms
+    from attnmaps.data.synthetic import write_synthetic_voc
+    from attnmaps.engine.train import train
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=4, size=(32, 32), seed=2)
+    cfg = load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                             "model.depth=1", "model.num_heads=2", "train.batch_size=8",
+                             "train.epochs=3", "data.rotate=10", "data.rotate_start_epoch=2",
+                             f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
+    angles: list[float] = []
+    rotate_pair = transforms.rotate_pair
+
+    def recording(image, mask, degrees):
+        angles.append(degrees)
+        return rotate_pair(image, mask, degrees)
+
+    monkeypatch.setattr(transforms, "rotate_pair", recording)
+    per_epoch: list[int] = []
+    train(cfg, on_epoch=lambda epoch, metrics: per_epoch.append(len(angles)))
+    assert per_epoch == [0, 0, 16]  # epochs 0 and 1 upright, every image of epoch 2 rotated
+    assert all(abs(a) <= 10 for a in angles) and len(set(angles)) > 1
+    with pytest.raises(ValueError, match="persistent_workers"):
+        load_config(None, ["data.rotate_start_epoch=2", "data.persistent_workers=true"])
+
+
+def test_set_rotation_reaches_a_wrapped_dataset():
+    from attnmaps.data.transforms import Augment, set_rotation
+
+    class Inner:
+        augment = Augment(rotate=10.0)
+
+    class Wrapper:
+        dataset = Inner()
+
+    assert set_rotation(Wrapper(), 0.0) and Inner.augment.rotate == 0.0
+    assert not set_rotation(object(), 5.0)

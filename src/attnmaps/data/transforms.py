@@ -152,3 +152,15 @@ class Augment:
                              f"{image.shape[0]} channels (set data.color_jitter=0)")
         low, high = 1.0 - self.color_jitter, 1.0 + self.color_jitter
         return adjust_color(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))
+
+
+def set_rotation(dataset: object, degrees: float) -> bool:
+    """Set the maximum rotation of the :class:`Augment` of ``dataset`` (or of the dataset it
+    wraps, through ``.dataset``) to ``degrees``; False when there is none."""
+    while dataset is not None:
+        augment = getattr(dataset, "augment", None)
+        if isinstance(augment, Augment):
+            augment.rotate = float(degrees)
+            return True
+        dataset = getattr(dataset, "dataset", None)
+    return False
