@@ -54,6 +54,7 @@ VARIANTS = {
     "merge by probability": ["pseudo.merge=probability"],
     "drop path 0.1": ["model.drop_path=0.1"],
     "no rotation": ["data.rotate=0"],
+    "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
                              "train.batch_size=64", "model.patch_head=false",
