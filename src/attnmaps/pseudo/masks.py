@@ -74,8 +74,14 @@ def merge_masks(
     if rule not in MERGE_RULES:
         raise ValueError(f"merge rule {rule!r} is not one of {MERGE_RULES} (pseudo.merge)")
     claimed = (maps >= threshold) & selected.bool()[:, :, None, None]
-    weights = probs.float()[:, :, None, None]  # float32 keys: no ties made by bf16 rounding
-    key = {"probability": weights, "map": maps.float(), "weighted": maps.float() * weights}[rule]
+    # float32 keys: no ties made by bf16 rounding; only the rule's own key is computed
+    weights = probs.float()[:, :, None, None]
+    if rule == "probability":
+        key = weights
+    elif rule == "map":
+        key = maps.float()
+    else:
+        key = maps.float() * weights
     scores = torch.where(claimed, key, torch.tensor(float("-inf"), device=maps.device))
     # max(dim).indices: the first maximum, like argmax, but far faster on CPU over a short dim
     winner = scores.max(dim=1).indices
