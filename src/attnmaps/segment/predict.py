@@ -112,13 +112,12 @@ def resize_logits(model: nn.Module, images: Tensor, window: Sequence[int]) -> Te
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def infer_probs(model: nn.Module, images: Tensor, seg: SegmentConfig,
-                refine: bool = True) -> Tensor:
+def infer_probs(model: nn.Module, images: Tensor, seg: SegmentConfig) -> Tensor:
     """Class probabilities [B,L,H,W]: the softmax of :func:`infer_logits`, then (with
-    ``refine`` and ``seg.refine_iterations`` > 0) PAMR on ``images`` (:func:`refine_probs`) —
-    the refinement the seeds had, as DeepLab's dense CRF refines its output."""
+    ``seg.refine_iterations`` > 0) PAMR on ``images`` (:func:`refine_probs`) — the refinement
+    the seeds had, as DeepLab's dense CRF refines its output."""
     probs = infer_logits(model, images, seg).softmax(1)
-    return refine_probs(images, probs, seg.refine_iterations or 0) if refine else probs
+    return refine_probs(images, probs, seg.refine_iterations or 0)
 
 
 def refine_probs(images: Tensor, probs: Tensor, iterations: int) -> Tensor:
