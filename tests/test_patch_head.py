@@ -119,3 +119,41 @@ def test_self_guide_pulls_present_maps_to_the_patch_head_regions() -> None:
     parts["loss"].backward()
     assert model.patch_head.weight.grad.abs().sum() == 0
     assert model.cls_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("class_blocks", [0, 1])
+def test_fused_maps_weigh_each_patch_by_the_patch_head_sigmoid(class_blocks: int) -> None:
+    model = model_with_patch_head(class_blocks=class_blocks).eval()
+    images = torch.randn(2, 3, 16, 24)
+    logits, attention = model.predict(images, "last")
+    fused_logits, fused = model.predict(images, "last", fused=True)
+    out = model.forward_features(images)
+    scores = out["patch"] @ model.patch_head.weight.T + model.patch_head.bias  # [B,N,K]
+    h, w = out["grid"]
+    for b in range(2):
+        for c in range(3):
+            for n in range(h * w):
+                expected = attention[b, c, n // w, n % w] / (1 + torch.exp(-scores[b, n, c]))
+                torch.testing.assert_close(fused[b, c, n // w, n % w], expected)
+    torch.testing.assert_close(fused_logits, logits)
+
+
+def test_fused_maps_through_tta_and_the_config_check() -> None:
+    from attnmaps.config import ConfigError, load_config
+    from attnmaps.pseudo.tta import tta_predict
+
+    model = model_with_patch_head().eval()
+    images = torch.randn(1, 3, 16, 16)
+    _, fused = model.predict(images, "last", fused=True)
+    _, attention = model.predict(images, "last")
+    _, through_tta = tta_predict(model, images, (1.0,), False, "last", fused=True)
+    torch.testing.assert_close(through_tta, fused)
+    assert not torch.allclose(fused, attention)
+    _, flipped = tta_predict(model, images, (1.0,), True, "last", fused=True)
+    _, mirrored = model.predict(images.flip(-1), "last", fused=True)
+    torch.testing.assert_close(flipped, (fused + mirrored.flip(-1)) / 2)
+    with pytest.raises(ValueError, match="model.patch_head=true"):
+        model_with_patch_head(patch_head=False).predict(images, "last", fused=True)
+    with pytest.raises(ConfigError, match="model.patch_head"):
+        load_config(None, ["pseudo.maps=fused"])
+    assert load_config(None, ["pseudo.maps=fused", "model.patch_head=true"]).pseudo.maps == "fused"

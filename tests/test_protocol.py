@@ -29,7 +29,7 @@ from attnmaps.protocol import (
 )
 from attnmaps.pseudo.threshold import MapHistogram, otsu_threshold
 
-PROTOCOL_KEYS = {"split", "num_images", "labels", "merge", "tta", "refinement",
+PROTOCOL_KEYS = {"split", "num_images", "labels", "merge", "maps", "tta", "refinement",
                  "background_threshold", "precision", "global_batch_size", "seed", "code_version",
                  "checkpoint_id"}
 
@@ -42,6 +42,7 @@ def test_block_records_the_config():
                              "train.seed=3", "train.precision=bf16", "pseudo.merge=weighted"])
     block = build_protocol(cfg, split="train", num_images=7)
     assert block["merge"] == "weighted"
+    assert block["maps"] == "attention"
     assert build_protocol(Config(), split="val", num_images=1)["merge"] == "probability"
     assert PROTOCOL_KEYS <= set(block)
     assert (block["split"], block["num_images"], block["labels"]) == ("train", 7,

@@ -27,7 +27,9 @@ class PoolingModel:
     def __init__(self) -> None:
         self.sizes: list[tuple[int, ...]] = []
 
-    def predict(self, x: Tensor, attn_blocks: object = "last") -> tuple[Tensor, Tensor]:
+    def predict(self, x: Tensor, attn_blocks: object = "last",
+                fused: bool = False) -> tuple[Tensor, Tensor]:
+        assert not fused, "this stand-in has no patch head"
         self.sizes.append(tuple(x.shape))
         grey = x.mean(1, keepdim=True)
         pooled = F.avg_pool2d(grey, PATCH)
@@ -120,3 +122,18 @@ def test_evaluate_uses_tta_maps():
         logits, maps = tta_predict(model, images, [0.75, 1.25], True)
     assert_close(seen[0][0], logits.sigmoid())
     assert_close(seen[0][1], maps)
+
+
+def test_evaluate_uses_fused_maps_when_configured():
+    torch.manual_seed(0)
+    model = ClassTokenViT(3, img_size=(32, 32), patch_size=8, embed_dim=16, depth=2,
+                          num_heads=2, patch_head=True).eval()
+    samples = [{"image": torch.randn(3, 32, 32), "labels": torch.tensor([1.0, 0.0, 1.0]),
+                "mask": torch.randint(0, 4, (32, 32)), "has_mask": True, "id": str(i)}
+               for i in range(2)]
+    seen: list[Tensor] = []
+    evaluate(model, samples, PseudoMaskConfig(maps="fused"), batch_size=2,
+             on_batch=lambda batch, probs, maps, masks: seen.append(maps))
+    with torch.no_grad():
+        _, fused = model.predict(torch.stack([s["image"] for s in samples]), "last", fused=True)
+    assert_close(seen[0], fused)

@@ -162,6 +162,10 @@ class PseudoMaskConfig:
     merge: str = field(default="probability",
                        metadata={"choices": ("probability", "map", "weighted")})
     use_true_labels: bool = False
+    # the class maps: "attention" (the paper: class-to-patch attention) or "fused" (that
+    # attention times the sigmoid of the patch head's class score of each patch, as MCTformer-V2
+    # fuses attention with patch-token CAMs; needs model.patch_head=true)
+    maps: str = field(default="attention", metadata={"choices": ("attention", "fused")})
     refine_iterations: int = field(default=0, metadata=_NON_NEGATIVE)
     tta_scales: list[float] = field(default_factory=lambda: [1.0], metadata=_POSITIVE)
     tta_flip: bool = False
@@ -484,6 +488,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'train.patch_dropout' is {cfg.train.patch_dropout}, but "
                          f"{', '.join(used)} train on attention maps over all patches; set "
                          "train.patch_dropout=0 or turn those off")
+    if cfg.pseudo.maps == "fused" and not cfg.model.patch_head:
+        raise ConfigError("Config key 'pseudo.maps' is 'fused', which weighs the attention by "
+                          "the patch head's scores, but model.patch_head is false; set "
+                          "model.patch_head=true or pseudo.maps=attention")
     scales = cfg.pseudo.tta_scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "

@@ -1,7 +1,7 @@
 """The evaluation protocol recorded with every figure: how a metrics file was made.
 
 :func:`build_protocol` collects, from a run's config, the scored split and the checkpoint: the
-split and its image count, where the image labels came from, the merge rule, test-time
+split and its image count, where the image labels came from, the merge rule, the class maps, test-time
 augmentation, the refinement (PAMR iterations, CRF and its parameters), the background threshold
 and how it was chosen, precision, the global batch size (constant for any process count: under
 ``torchrun`` each of N processes takes ``batch_size / N``), seed, code version and checkpoint id.
@@ -76,6 +76,7 @@ def build_protocol(cfg: Config, *, split: str, num_images: int, weights: str | P
         "labels": "true image labels" if pseudo.use_true_labels else "predicted",
         "prob_threshold": pseudo.prob_threshold,
         "merge": pseudo.merge,
+        "maps": pseudo.maps,
         "tta": {"scales": list(pseudo.tta_scales), "flip": pseudo.tta_flip},
         "refinement": refinement(pseudo),
         "background_threshold": {

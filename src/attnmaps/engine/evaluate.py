@@ -218,7 +218,7 @@ def evaluate(model: ClassTokenViT, dataset: Dataset, settings: PseudoMaskConfig,
         images, labels = batch["image"].to(device), batch["labels"].to(device)
         with autocast(precision, device):
             logits, maps = tta_predict(model, images, settings.tta_scales, settings.tta_flip,
-                                       blocks)
+                                       blocks, fused=settings.maps == "fused")
         probs, maps = logits.float().sigmoid(), maps.float()
         made = evaluator.update(images, labels, batch["mask"].to(device), probs, maps)
         if on_batch is not None:

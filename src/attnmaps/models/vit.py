@@ -560,13 +560,27 @@ class ClassTokenViT(nn.Module):
         return torch.stack(maps).mean(0)
 
     def predict(self, x: Tensor, attn_blocks: str | Sequence[int] = "last",
-                labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                labels: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor]:
         """Logits [B,K] and class attention maps [B,K,h,w] of ``attn_blocks`` from one forward
         pass, both in the autograd graph when gradients are enabled (so a loss on the maps
-        trains the model). In training mode ``labels`` [B,K] enables class-token masking."""
+        trains the model). In training mode ``labels`` [B,K] enables class-token masking.
+
+        ``fused``: each class's map times the sigmoid of the patch head's score of that class
+        at each patch (:meth:`fused_maps`; needs the patch head)."""
         blocks = self.resolve_attn_blocks(attn_blocks)
-        out = self.forward_features(x, labels, attn_blocks=blocks, patch_outputs=False)
-        return self.forward_head(out["cls"]), self.class_maps(out["attn"], blocks, out["grid"])
+        out = self.forward_features(x, labels, attn_blocks=blocks, patch_outputs=fused)
+        maps = self.class_maps(out["attn"], blocks, out["grid"])
+        if fused:
+            maps = self.fused_maps(maps, out["patch"])
+        return self.forward_head(out["cls"]), maps
+
+    def fused_maps(self, maps: Tensor, patch: Tensor) -> Tensor:
+        """Class maps [B,K,h,w] weighted patch by patch by ``sigmoid`` of the patch head's class
+        scores of the final patch tokens ``patch`` [B,N,D] (N = h*w): attention that also
+        needs the patch itself to look like the class, as MCTformer-V2 fuses class-token
+        attention with patch-token CAMs."""
+        scores = self.patch_head_scores(patch).transpose(1, 2).reshape(maps.shape)
+        return maps * scores.sigmoid().to(maps.dtype)
 
     def gate_values(self) -> Tensor:
         """Deterministic gate values [depth, heads]."""

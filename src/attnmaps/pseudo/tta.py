@@ -60,10 +60,11 @@ def mean_probability_logits(logits: Tensor) -> Tensor:
 
 
 def tta_predict(model: ClassTokenViT, images: Tensor, scales: Sequence[float] = (1.0,),
-                flip: bool = False,
-                attn_blocks: str | Sequence[int] = "last") -> tuple[Tensor, Tensor]:
+                flip: bool = False, attn_blocks: str | Sequence[int] = "last",
+                fused: bool = False) -> tuple[Tensor, Tensor]:
     """Logits [B,K] and class maps [B,K,H/p,W/p] of ``images`` [B,C,H,W] averaged over
-    ``scales`` and, with ``flip``, their horizontal mirror images (see the module doc).
+    ``scales`` and, with ``flip``, their horizontal mirror images (see the module doc);
+    ``fused`` maps as :meth:`~attnmaps.models.vit.ClassTokenViT.predict` makes them.
 
     ``images`` must be divisible by the patch size ``p``. The flipped pass runs in the same
     forward as the unflipped one (a batch of 2B images).
@@ -75,7 +76,7 @@ def tta_predict(model: ClassTokenViT, images: Tensor, scales: Sequence[float] = 
     patch = model.patch_size
     grid = (base[0] // patch, base[1] // patch)
     if scales == [1.0] and not flip:
-        return model.predict(images, attn_blocks)
+        return model.predict(images, attn_blocks, fused=fused)
     all_logits, all_maps = [], []
     for scale in scales:
         size = scaled_size(base, scale, patch)
@@ -83,7 +84,7 @@ def tta_predict(model: ClassTokenViT, images: Tensor, scales: Sequence[float] = 
                                                       align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        logits, maps = model.predict(x, attn_blocks)
+        logits, maps = model.predict(x, attn_blocks, fused=fused)
         maps = maps.float()
         if flip:
             maps = torch.cat([maps[: len(images)], maps[len(images):].flip(-1)])

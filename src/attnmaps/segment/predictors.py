@@ -89,7 +89,7 @@ class ClassTokenPredictor(Predictor):
         images = images.to(self.device)
         resized = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False)
         logits, maps = tta_predict(self.model, resized, settings.tta_scales, settings.tta_flip,
-                                   self.cfg.model.attn_blocks)
+                                   self.cfg.model.attn_blocks, fused=settings.maps == "fused")
         probs = logits.float().sigmoid()
         selected = select_classes(probs, None, settings.prob_threshold)
         scores = class_scores(images, maps.float(), selected, settings.refine_iterations)
