@@ -56,6 +56,7 @@ VARIANTS = {
     "no rotation": ["data.rotate=0"],
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
+    "fused maps": ["pseudo.maps=fused"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
                              "train.batch_size=64", "model.patch_head=false",
                              "train.patch_dropout=0"],
