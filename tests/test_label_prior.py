@@ -54,3 +54,26 @@ def test_bias_makes_the_first_bce_the_prior_entropy(head: str) -> None:
         F.binary_cross_entropy(freq.expand(2, 3), labels).item(), rel=1e-5)
     with pytest.raises(ValueError, match="2 class frequencies"):
         init_head_bias(model, torch.tensor([0.1, 0.2]))
+
+
+def test_frequencies_read_stored_labels_without_augmenting(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from attnmaps.config import load_config
+    from attnmaps.data.registry import build_dataset
+    from attnmaps.data.synthetic import write_synthetic_voc
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=12, num_val=2, size=(32, 32), seed=3)
+    cfg = load_config(None, [f"data.root={root}", "data.rotate=30", "data.crop_scale=0.2,0.5"])
+    train_set = build_dataset(cfg.data, "train", train=True)
+    expected = torch.zeros(train_set.num_classes)
+    for image_id in train_set.ids:  # by hand: the classes of each stored mask
+        values = np.unique(np.array(Image.open(root / "SegmentationClass" / f"{image_id}.png")))
+        for value in values[(values > 0) & (values < 255)]:
+            expected[value - 1] += 1
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    freq = label_frequencies(train_set)
+    assert torch.equal(torch.get_rng_state(), state)  # no augmentation drawn
+    torch.testing.assert_close(freq, expected / len(train_set))

@@ -168,6 +168,10 @@ class ImageDataset(Dataset):
         """Item i's image in its stored dtype, resized when image_size is set, not augmented."""
         return resize_image(self.checked_image(i), self.image_size)
 
+    def image_labels(self, i: int) -> torch.Tensor:
+        """Item ``i``'s multi-hot labels [K] as stored: not augmented, so no random draws."""
+        return self.load_target(i, self.checked_image(i).shape)[1]
+
     def __getitem__(self, i: int) -> dict:
         image = self.checked_image(i)
         mask, labels = self.load_target(i, image.shape)

@@ -23,10 +23,14 @@ MIN_FREQUENCY = 1e-3
 
 
 def label_frequencies(dataset: Dataset) -> Tensor:
-    """Fraction of the images of ``dataset`` that carry each class, float [K]."""
+    """Fraction of the images of ``dataset`` that carry each class, float [K]: the stored labels
+    (``dataset.image_labels(i)``, no augmentation drawn) where the dataset has them, else
+    those of its samples."""
     if len(dataset) == 0:
         raise ValueError("label_frequencies needs a non-empty dataset")
-    total = sum(dataset[i]["labels"].float() for i in range(len(dataset)))
+    stored = getattr(dataset, "image_labels", None)
+    labels = stored if stored is not None else (lambda i: dataset[i]["labels"])
+    total = sum(labels(i).float() for i in range(len(dataset)))
     return total / len(dataset)
 
 
