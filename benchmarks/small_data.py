@@ -40,7 +40,7 @@ PAMR_ITERATIONS = 40
 # The levers, each switched off (or on) against the recipe in digits.yaml.
 VARIANTS = {
     "recipe": [],
-    "no patch head": ["model.patch_head=false"],
+    "no patch head": ["model.patch_head=false", "pseudo.maps=attention"],
     "no patch dropout": ["train.patch_dropout=0"],
     "attention pooling": ["train.attention_pool_weight=1", "train.patch_dropout=0"],
     "no prior bias": ["train.prior_bias=false"],
@@ -56,10 +56,10 @@ VARIANTS = {
     "no rotation": ["data.rotate=0"],
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
-    "fused maps": ["pseudo.maps=fused"],
+    "attention maps (not fused)": ["pseudo.maps=attention"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
                              "train.batch_size=64", "model.patch_head=false",
-                             "train.patch_dropout=0"],
+                             "train.patch_dropout=0", "pseudo.maps=attention"],
 }
 KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
         "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")

@@ -141,3 +141,17 @@ def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
     rescored = json.loads(cached.read_text())
     assert rescored["miou"] == recipe["miou"][0] and rescored["pseudo"]["merge"] == "weighted"
+
+
+def test_small_data_variants_are_valid_configs(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import small_data
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from attnmaps.config import load_config
+
+    configs = {name: load_config(small_data.CONFIG, [*overrides, f"data.root={tmp_path}"])
+               for name, overrides in small_data.VARIANTS.items()}  # none is a config error
+    assert configs["recipe"].pseudo.maps == "fused"
+    assert configs["no patch head"].pseudo.maps == "attention"
