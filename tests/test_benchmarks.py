@@ -155,3 +155,20 @@ def test_small_data_variants_are_valid_configs(tmp_path: Path) -> None:
                for name, overrides in small_data.VARIANTS.items()}  # none is a config error
     assert configs["recipe"].pseudo.maps == "fused"
     assert configs["no patch head"].pseudo.maps == "attention"
+
+
+def test_raw_map_ceiling_oracle(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import raw_map_ceiling
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+
+    masks = torch.tensor([[[1, 1, 0, 0], [1, 255, 0, 2], [0, 0, 2, 2], [0, 0, 2, 2]]])
+    shares = raw_map_ceiling.oracle_maps(masks, 2, 2)  # by hand: class pixels per 2x2 patch / 4
+    assert torch.equal(shares, torch.tensor([[[[0.75, 0.0], [0.0, 0.0]],
+                                              [[0.0, 0.25], [0.0, 1.0]]]]))
+    report = run_benchmark("raw_map_ceiling", ["--patch-sizes", "1,8"], tmp_path)
+    assert report["best_by_patch"]["1"] == 1.0  # pixel-sized patches: the masks themselves
+    assert 0.0 < report["best_by_patch"]["8"] < 1.0
