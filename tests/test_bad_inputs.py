@@ -215,6 +215,10 @@ CASES: dict[str, Case] = {
         lambda e: ["evaluate", "--pred", str(e.data / "SegmentationClass"), "--gt",
                    str(e.data / "SegmentationClass"), "--ids",
                    str(_write(e.out / "ids.txt", "synth_000008\nghost\n"))], "ghost"),
+    "evaluate empty ids list": (
+        lambda e: ["evaluate", "--pred", str(e.data / "SegmentationClass"), "--gt",
+                   str(e.data / "SegmentationClass"), "--ids",
+                   str(_write(e.out / "none.txt", "\n"))], "lists no ids"),
     "evaluate without prediction": (
         lambda e: ["evaluate", "--pred", str(_write(e.out / "p" / "x.txt", "").parent), "--gt",
                    str(e.data / "SegmentationClass")], "no prediction"),

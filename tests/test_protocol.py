@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_sweep import run_dir  # noqa: F401  (the fixture: a tiny run directory)
@@ -173,3 +174,16 @@ def test_map_histogram_counts_only_selected_maps_normalized():
     maps = torch.tensor([[[[2.0, 4.0], [4.0, 4.0]], [[9.0, 9.0], [9.0, 0.0]]]])
     histogram.update(maps, torch.tensor([[True, False]]))
     assert histogram.counts.tolist() == [1.0, 0.0, 0.0, 3.0]
+
+
+def test_evaluate_ids_list_may_be_longer_than_a_class_list(tmp_path: Path):
+    from attnmaps.data.image_io import write_mask
+
+    ids = [f"img_{i:04d}" for i in range(300)]  # more than the 255 a class list may hold
+    for image_id in [*ids, "not_listed"]:
+        for folder in ("pred", "gt"):
+            write_mask(tmp_path / folder / f"{image_id}.png", np.ones((2, 2), dtype=np.uint8))
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n\n")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                 "--ids", str(tmp_path / "ids.txt")]) == 0
+    assert json.loads((tmp_path / "pred" / "metrics.json").read_text())["num_images"] == 300

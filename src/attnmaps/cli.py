@@ -73,12 +73,14 @@ def _pseudo_masks(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .data.base import read_names
+    from .data.base import read_lines, read_names
     from .metrics.report import evaluate_directories, format_iou_table, save_metrics
     from .protocol import directory_protocol, format_protocol
 
     names = read_names(Path(args.classes)) if args.classes else None
-    ids = read_names(Path(args.ids)) if args.ids else None
+    ids = read_lines(Path(args.ids)) if args.ids else None
+    if ids is not None and not ids:
+        raise ValueError(f"--ids {args.ids} lists no ids")
     metrics = evaluate_directories(args.pred, args.gt, class_names=names, ids=ids)
     metrics["protocol"] = directory_protocol(Path(args.pred), Path(args.gt),
                                              metrics["num_images"])

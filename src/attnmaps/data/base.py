@@ -92,12 +92,18 @@ def find_image(folder: Path, image_id: str, suffixes: Sequence[str]) -> Path:
                             f"{[str(p) for p in candidates]}")
 
 
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, stripped (split files, id lists, class lists)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_names(path: Path) -> list[str]:
     """Distinct non-empty lines of a class list file (at most 255)."""
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = read_lines(path)
     if not names or len(set(names)) != len(names) or len(names) > IGNORE_INDEX:
+        shown = names if len(names) <= 10 else [*names[:10], "..."]
         raise ValueError(f"{path} must list 1..255 distinct class names, one per line, "
-                         f"got {names}")
+                         f"got {len(names)}: {shown}")
     return names
 
 

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from ..conventions import IGNORE_INDEX
-from .base import ImageDataset, check_mask, find_image, labels_from_mask, read_names
+from .base import (
+    ImageDataset,
+    check_mask,
+    find_image,
+    labels_from_mask,
+    read_lines,
+    read_names,
+)
 from .image_io import read_mask
 
 DFC2020_CLASSES = ("forest", "shrubland", "grassland", "wetlands", "croplands",
@@ -88,7 +95,7 @@ class GeoTIFFDataset(ImageDataset):
             found = sorted(p.name for p in split_file.parent.glob("*.txt"))
             raise FileNotFoundError(f"split file for split {split!r} not found: expected "
                                     f"{split_file}; split files present: {found or 'none'}")
-        self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        self.ids = read_lines(split_file)
         if not self.ids:
             raise ValueError(f"split file {split_file} lists no ids")
         classes = self.root / "classes.txt"

@@ -38,6 +38,7 @@ from .base import (
     find_image,
     labels_from_mask,
     multi_hot,
+    read_lines,
     read_names,
 )
 from .image_io import read_mask
@@ -94,7 +95,7 @@ class VOCDataset(ImageDataset):
             raise FileNotFoundError(
                 f"split file for split {split!r} not found: expected {split_file}; "
                 f"split files present: {found or 'none'}")
-        self.ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        self.ids = read_lines(split_file)
         if not self.ids:
             raise ValueError(f"split file {split_file} lists no ids")
         self.class_names = self._read_class_names()
