@@ -57,6 +57,7 @@ VARIANTS = {
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
+    "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],
     "demo recipe at 96 px": ["train.prior_bias=false", "train.ema_decay=0",
                              "train.batch_size=64", "model.patch_head=false",
                              "train.patch_dropout=0", "pseudo.maps=attention"],
