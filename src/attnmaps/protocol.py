@@ -1,9 +1,9 @@
 """The evaluation protocol recorded with every figure: how a metrics file was made.
 
 :func:`build_protocol` collects, from a run's config, the scored split and the checkpoint: the
-split and its image count, where the image labels came from, the merge rule, the class maps, test-time
-augmentation, the refinement (PAMR iterations, CRF and its parameters), the background threshold
-and how it was chosen, precision, the global batch size (constant for any process count: under
+split and its image count, where the image labels came from, the merge rule, the class maps
+(attention or fused), test-time augmentation, the refinement (PAMR iterations, CRF and its
+parameters), the background threshold and how it was chosen, precision, the global batch size (constant for any process count: under
 ``torchrun`` each of N processes takes ``batch_size / N``), seed, code version and checkpoint id.
 :func:`format_protocol` prints it as the text block the commands show.
 
