@@ -3,8 +3,9 @@
 :func:`build_protocol` collects, from a run's config, the scored split and the checkpoint: the
 split and its image count, where the image labels came from, the merge rule, the class maps
 (attention or fused), test-time augmentation, the refinement (PAMR iterations, CRF and its
-parameters), the background threshold and how it was chosen, precision, the global batch size (constant for any process count: under
-``torchrun`` each of N processes takes ``batch_size / N``), seed, code version and checkpoint id.
+parameters), the background threshold and how it was chosen, precision, the global batch size
+(constant for any process count: under ``torchrun`` each of N processes takes
+``batch_size / N``), seed, code version and checkpoint id.
 :func:`format_protocol` prints it as the text block the commands show.
 
 Example:
