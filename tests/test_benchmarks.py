@@ -3,16 +3,28 @@ deterministic parts hold: byte counts and label agreement, never a timing."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--img-size", "32", "--embed-dim", "32", "--depth", "2", "--heads", "2"]
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """The benchmark script ``name`` as a module (its folder on the import path while it
+    loads, for its ``_measure`` import)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def run_benchmark(script: str, args: list[str], tmp_path: Path,
@@ -144,11 +156,7 @@ def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
 
 
 def test_small_data_variants_are_valid_configs(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import small_data
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    small_data = import_benchmark("small_data")
     from attnmaps.config import load_config
 
     configs = {name: load_config(small_data.CONFIG, [*overrides, f"data.root={tmp_path}"])
@@ -158,11 +166,7 @@ def test_small_data_variants_are_valid_configs(tmp_path: Path) -> None:
 
 
 def test_raw_map_ceiling_oracle(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import raw_map_ceiling
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    raw_map_ceiling = import_benchmark("raw_map_ceiling")
     import torch
 
     masks = torch.tensor([[[1, 1, 0, 0], [1, 255, 0, 2], [0, 0, 2, 2], [0, 0, 2, 2]]])
