@@ -176,3 +176,17 @@ def test_raw_map_ceiling_oracle(tmp_path: Path) -> None:
     report = run_benchmark("raw_map_ceiling", ["--patch-sizes", "1,8"], tmp_path)
     assert report["best_by_patch"]["1"] == 1.0  # pixel-sized patches: the masks themselves
     assert 0.0 < report["best_by_patch"]["8"] < 1.0
+
+
+def test_cnn_probe_residual_network() -> None:
+    cnn_probe = import_benchmark("cnn_probe")
+    import torch
+
+    block = cnn_probe.ResidualBlock(4, 4, 1)
+    torch.nn.init.zeros_(block.body[-1].weight)  # the body's last BN outputs its bias, 0
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(block(x), torch.relu(x))  # only the identity shortcut is left
+    features = cnn_probe.residual_features(8).eval()
+    assert features(torch.randn(2, 3, 32, 48)).shape == (2, 32, 4, 6)
+    model = cnn_probe.PooledCNN(5, features, 32, "max")
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 5)
