@@ -8,11 +8,13 @@ predicted and from true image labels, next to the no-learning floor on the same 
 mAP, class-map correlation, heads closed, and the training's wall-clock and process CPU seconds.
 A variant of ``pseudo.*`` keys only (e.g. "merge by probability") is scored on the recipe's run
 of the same seed, without training. Choose settings on ``--split tune``; report ``--split val``.
-Finished runs are read back, so an interrupted benchmark resumes. Writes
+Finished runs are read back, so an interrupted benchmark resumes; ``--jobs N`` trains and scores
+N runs at a time, each in its own process (one per core, ``--threads 1``). Writes
 ``--out/small_data_<split>.json`` and prints a table.
 
     python benchmarks/small_data.py --out runs/small_data --split tune --seeds 1 --epochs 6
     python benchmarks/small_data.py --out runs/small_data --split val --seeds 3 --variants recipe
+    python benchmarks/small_data.py --out runs/small_data --split val --seeds 3 --jobs 16
     python benchmarks/small_data.py --quick --out /tmp/small_data      # smoke test, tiny images
 """
 
@@ -22,7 +24,11 @@ import argparse
 import json
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, replace
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -94,25 +100,22 @@ def score(run: Path, split: str, pamr: int, settings: PseudoMaskConfig) -> dict:
     return result
 
 
-def run_one(out: Path, data: Path, name: str, shared: list[str], seed: int, split: str,
-            pamr: int) -> dict:
-    """Train (or read back) one variant and seed with the ``shared`` overrides too, then score
-    it on ``split`` with the recipe's pseudo-mask settings plus the variant's. A variant that
-    changes ``pseudo.*`` keys only is scored on the recipe's run of the same seed. A cached
-    score made with other settings (an older recipe) is made again."""
-    pseudo = [item for item in VARIANTS[name] if item.startswith("pseudo.")]
-    training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
-    trained = name if training or not pseudo else "recipe"
-    run = out / f"{trained.replace(' ', '_')}_seed{seed}"
-    settings = load_config(CONFIG, [*shared, *pseudo]).pseudo
-    recorded = json.loads(json.dumps(asdict(settings)))
-    cached = out / f"{name.replace(' ', '_')}_seed{seed}" / f"score_{split}.json"
-    if cached.is_file():
-        result = json.loads(cached.read_text())
-        if result.get("pseudo") == recorded:
-            return result
+def trained_run(out: Path, name: str, seed: int) -> Path:
+    """The run directory whose network ``name`` is scored on: a variant of ``pseudo.*`` keys
+    only is scored on the recipe's run of the same seed."""
+    changes_training = any(not item.startswith("pseudo.") for item in VARIANTS[name])
+    trained = name if changes_training or not VARIANTS[name] else "recipe"
+    return out / f"{trained.replace(' ', '_')}_seed{seed}"
+
+
+def train_one(out: Path, data: Path, shared: list[str], name: str, seed: int) -> Path:
+    """Train the network ``name`` is scored on, with the ``shared`` overrides too (or read it
+    back; an interrupted training resumes); its wall-clock and process CPU seconds go to
+    ``timing.json``."""
+    run = trained_run(out, name, seed)
     timing = run / "timing.json"
     if not timing.is_file():
+        training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
         cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
                                    "data.val_split=tune", "pseudo.refine_iterations=0",
                                    *training, *shared])
@@ -120,11 +123,48 @@ def run_one(out: Path, data: Path, name: str, shared: list[str], seed: int, spli
         train(cfg, resume=(run / "last.safetensors").exists())
         timing.write_text(json.dumps({"train_seconds": time.time() - wall,
                                       "train_cpu_seconds": time.process_time() - cpu}))
-    result = {**score(run, split, pamr, settings), **json.loads(timing.read_text()),
+    return run
+
+
+def run_one(out: Path, data: Path, shared: list[str], split: str, pamr: int, name: str,
+            seed: int) -> dict:
+    """Train (:func:`train_one`) and score one variant and seed on ``split`` with the recipe's
+    pseudo-mask settings plus the variant's. A cached score made with other settings (an older
+    recipe) is made again."""
+    pseudo = [item for item in VARIANTS[name] if item.startswith("pseudo.")]
+    settings = load_config(CONFIG, [*shared, *pseudo]).pseudo
+    recorded = json.loads(json.dumps(asdict(settings)))
+    cached = out / f"{name.replace(' ', '_')}_seed{seed}" / f"score_{split}.json"
+    if cached.is_file():
+        result = json.loads(cached.read_text())
+        if result.get("pseudo") == recorded:
+            return result
+    run = train_one(out, data, shared, name, seed)
+    result = {**score(run, split, pamr, settings), **json.loads((run / "timing.json").read_text()),
               "pseudo": recorded}
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_all(out: Path, data: Path, shared: list[str], split: str, pamr: int, names: list[str],
+            seeds: int, jobs: int, threads: int) -> dict[str, list[dict]]:
+    """Every variant and seed: first each distinct network is trained, then every pair is
+    scored, each phase spread over ``jobs`` processes of ``threads`` torch threads (``jobs`` 1:
+    in this process), so that two processes never train into the same run directory."""
+    pairs = [(name, seed) for name in names for seed in range(seeds)]
+    networks = list({trained_run(out, name, seed): (name, seed) for name, seed in pairs}.values())
+    pool = (ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(threads,))
+            if jobs > 1 else nullcontext())
+    with pool:
+        mapper = pool.map if jobs > 1 else map
+        list(mapper(partial(train_one, out, data, shared), *zip(*networks, strict=True)))
+        scores = mapper(partial(run_one, out, data, shared, split, pamr), *zip(*pairs, strict=True))
+        results: dict[str, list[dict]] = {name: [] for name in names}
+        for (name, _), result in zip(pairs, scores, strict=True):
+            results[name].append(result)
+    return results
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -143,8 +183,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process (e.g. one per core)")
     parser.add_argument("--quick", action="store_true", help="tiny images, 1 epoch: a smoke test")
     args = parser.parse_args()
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error(f"--seeds and --jobs must be at least 1, got {args.seeds} and {args.jobs}")
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else {"num_train": 3000, "num_tune": 500, "num_val": 500,
                                       "size": 96, "overrides": [], "pamr": PAMR_ITERATIONS,
@@ -154,9 +198,8 @@ def main() -> None:
     extra = [*sizes["overrides"], *([f"train.epochs={args.epochs}"] if args.epochs else [])]
     floor_cfg = load_config(CONFIG, [f"data.root={data}", *sizes["overrides"]])
     floor = floor_miou(build_dataset(floor_cfg.data, args.split, train=False))
-    results = {name: [run_one(args.out, data, name, extra, seed, args.split, sizes["pamr"])
-                      for seed in range(args.seeds)]
-               for name in sizes["variants"]}
+    results = run_all(args.out, data, extra, args.split, sizes["pamr"], sizes["variants"],
+                      args.seeds, args.jobs, args.threads)
     summary = {name: summarise(runs) for name, runs in results.items()}
     report = {"split": args.split, "seeds": args.seeds, "floor_miou": floor,
               "extra_overrides": extra, "runs": results, "summary": summary}

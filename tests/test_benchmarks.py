@@ -127,8 +127,8 @@ def test_crf_speed_reports_both_backends_and_their_agreement(tmp_path: Path) -> 
 def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     pytest.importorskip("mlxtend")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
-                           "--out", str(tmp_path)], check=False, capture_output=True, text=True,
-                          timeout=600)
+                           "--jobs", "2", "--out", str(tmp_path)], check=False,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "small_data_tune.json").read_text())
     assert 0.0 <= report["floor_miou"] <= 1.0
