@@ -102,6 +102,14 @@ def test_classes_labels_and_rendered_masks(coco):
     assert sample["image"].shape == (3, 10, 12)
 
 
+def test_image_labels_from_the_annotations_alone(coco, monkeypatch):
+    ds = COCODataset(coco, split="val2017", mean=(0, 0, 0), std=(1, 1, 1))
+    expected = [ds[i]["labels"] for i in range(len(ds))]
+    monkeypatch.setattr(COCODataset, "load_image", lambda *_: pytest.fail("image read"))
+    monkeypatch.setattr(COCODataset, "_instance_mask", lambda *_: pytest.fail("rasterised"))
+    assert all(torch.equal(ds.image_labels(i), labels) for i, labels in enumerate(expected))
+
+
 def test_images_folder_layout(tmp_path):
     _write(tmp_path, "train", tmp_path / "images" / "train", _annotations()[:1])
     ds = COCODataset(tmp_path, split="train")

@@ -186,3 +186,11 @@ def test_loader_collates_mixed_masks(folders):
     assert batch["mask"].shape == (3, 4, 6) and batch["mask"].dtype == torch.int64
     assert bool((batch["mask"][0] == 255).all()) and set(batch["mask"][1].unique().tolist()) == {0, 2}
     assert batch["id"] == ["normal/n0", "polyp/p0", "polyp/p1"]
+
+
+def test_image_labels_read_nothing(folders, monkeypatch):
+    ds = FolderDataset(folders, "train", mean=(0, 0, 0), std=(1, 1, 1))
+    expected = [ds[i]["labels"] for i in range(len(ds))]
+    monkeypatch.setattr(FolderDataset, "load_target", lambda *_: pytest.fail("file read"))
+    monkeypatch.setattr(FolderDataset, "load_image", lambda *_: pytest.fail("file read"))
+    assert all(torch.equal(ds.image_labels(i), labels) for i, labels in enumerate(expected))

@@ -58,6 +58,7 @@ def test_bands_masks_and_labels(scenes):
         assert np.allclose(sample["image"].numpy(), expected, atol=1e-5)
         assert np.array_equal(sample["mask"].numpy(), expected_mask)
         assert torch.equal(sample["labels"], torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 1]))
+        assert torch.equal(ds.image_labels(i), sample["labels"])  # the planar and band layouts
     assert expected_mask[0, 0] == 255 and expected_mask[7, 0] == 255 and expected_mask[7, 9] == 1
     assert torch.equal(_dataset(scenes)[0]["labels"], torch.tensor([1.0, 1, 0, 0, 0, 0, 0, 1]))
     raw = ds.raw_image(0)

@@ -82,3 +82,11 @@ def test_missing_manifest(data):
     with pytest.raises(FileNotFoundError, match=r"test\.csv or .*test\.jsonl; manifests present: "
                                                 r"\['train\.csv', 'val\.jsonl'\]"):
         ManifestDataset(data, "test")
+
+
+def test_image_labels_read_nothing(data, monkeypatch):
+    ds = ManifestDataset(data, "train", mean=(0, 0, 0), std=(1, 1, 1))
+    expected = [ds[i]["labels"] for i in range(len(ds))]
+    monkeypatch.setattr(ManifestDataset, "load_target", lambda *_: pytest.fail("file read"))
+    monkeypatch.setattr(ManifestDataset, "load_image", lambda *_: pytest.fail("file read"))
+    assert all(torch.equal(ds.image_labels(i), labels) for i, labels in enumerate(expected))

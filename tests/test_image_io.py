@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnmaps.data.image_io import VOC_PALETTE, read_image, read_mask, write_image, write_mask
+from attnmaps.data.image_io import (
+    VOC_PALETTE,
+    read_image,
+    read_image_size,
+    read_mask,
+    write_image,
+    write_mask,
+)
 
 
 def test_palette_known_colors():
@@ -67,6 +74,21 @@ def test_read_image_converts_modes(tmp_path):
     rgba[..., 0], rgba[..., 3] = 200, 255
     Image.fromarray(rgba).save(tmp_path / "a.png")
     assert read_image(tmp_path / "a.png")[..., 0].min() == 200
+
+
+def test_read_image_size_from_the_header(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (7, 11), np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(rng.integers(0, 256, (9, 5, 4), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (13, 6, 3), np.uint8)).save(tmp_path / "c.jpg")
+    Image.fromarray(rng.integers(0, 65536, (4, 3)).astype(np.uint16)).save(tmp_path / "w.png")
+    for name in ("g.png", "a.png", "c.jpg", "w.png"):
+        assert read_image_size(tmp_path / name) == read_image(tmp_path / name).shape[:2]
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        read_image_size(tmp_path / "corrupt.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_image_size(tmp_path / "missing.png")
 
 
 def test_read_image_errors(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnmaps.data import base
 from attnmaps.engine.label_prior import init_head_bias, label_frequencies, prior_logits
 from attnmaps.models.vit import ClassTokenViT
 
@@ -56,7 +57,11 @@ def test_bias_makes_the_first_bce_the_prior_entropy(head: str) -> None:
         init_head_bias(model, torch.tensor([0.1, 0.2]))
 
 
-def test_frequencies_read_stored_labels_without_augmenting(tmp_path) -> None:
+def _no_decoding(path: object) -> None:
+    raise AssertionError(f"decoded {path}")
+
+
+def test_frequencies_read_stored_labels_without_augmenting(tmp_path, monkeypatch) -> None:
     import numpy as np
     from PIL import Image
 
@@ -74,6 +79,7 @@ def test_frequencies_read_stored_labels_without_augmenting(tmp_path) -> None:
             expected[value - 1] += 1
     torch.manual_seed(0)
     state = torch.get_rng_state()
+    monkeypatch.setattr(base, "read_image", _no_decoding)
     freq = label_frequencies(train_set)
-    assert torch.equal(torch.get_rng_state(), state)  # no augmentation drawn
+    assert torch.equal(torch.get_rng_state(), state)  # no augmentation drawn, no image decoded
     torch.testing.assert_close(freq, expected / len(train_set))

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..conventions import IGNORE_INDEX
-from .image_io import read_image
+from .image_io import read_image, read_image_size
 from .transforms import Augment, resize_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -174,9 +174,14 @@ class ImageDataset(Dataset):
         """Item i's image in its stored dtype, resized when image_size is set, not augmented."""
         return resize_image(self.checked_image(i), self.image_size)
 
+    def stored_size(self, i: int) -> tuple[int, int]:
+        """(H, W) of item i's stored image, from the file header (formats may override)."""
+        return read_image_size(self.image_paths[i])
+
     def image_labels(self, i: int) -> torch.Tensor:
-        """Item ``i``'s multi-hot labels [K] as stored: not augmented, so no random draws."""
-        return self.load_target(i, self.checked_image(i).shape)[1]
+        """Item ``i``'s multi-hot labels [K] as stored: not augmented (no random draws), and the
+        image not decoded (its size from the header, for the mask check)."""
+        return self.load_target(i, self.stored_size(i))[1]
 
     def __getitem__(self, i: int) -> dict:
         image = self.checked_image(i)

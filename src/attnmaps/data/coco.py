@@ -186,5 +186,11 @@ class COCODataset(ImageDataset):
                 instances.append((-int(region.sum()), order, region, ann["category_id"]))
         for _, _, region, category in sorted(instances, key=lambda t: t[:2]):
             mask[region] = self.category_to_class[category] + 1
-        classes = [self.category_to_class[ann["category_id"]] for ann in annotations]
-        return mask, multi_hot(classes, self.num_classes)
+        return mask, self.image_labels(i)
+
+    def image_labels(self, i: int) -> torch.Tensor:
+        """The classes of all of item ``i``'s annotations, crowd regions included, from the
+        annotation file alone (no image read, nothing rasterised)."""
+        annotations = self.annotations.get(self.image_info[i][0], [])
+        return multi_hot([self.category_to_class[ann["category_id"]] for ann in annotations],
+                         self.num_classes)

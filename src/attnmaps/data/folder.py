@@ -159,6 +159,10 @@ class FolderDataset(ImageDataset):
 
     def load_target(self, i: int, image_shape: tuple[int, ...]) -> tuple[np.ndarray | None,
                                                                            torch.Tensor]:
-        labels = multi_hot([self.classes[i]], self.num_classes)
         path = self.mask_paths[i]
-        return (None if path is None else self._read_mask(i, path, image_shape)), labels
+        mask = None if path is None else self._read_mask(i, path, image_shape)
+        return mask, self.image_labels(i)
+
+    def image_labels(self, i: int) -> torch.Tensor:
+        """Item ``i``'s class (its folder) as a multi-hot vector; nothing is read."""
+        return multi_hot([self.classes[i]], self.num_classes)

@@ -121,6 +121,11 @@ class GeoTIFFDataset(ImageDataset):
     def load_image(self, i: int) -> np.ndarray:
         return read_tiff(self.image_paths[i])
 
+    def stored_size(self, i: int) -> tuple[int, int]:
+        """(H, W) of item i's raster (read in full: band layouts vary)."""
+        height, width = self.load_image(i).shape[:2]
+        return height, width
+
     def _read_mask(self, path: Path) -> np.ndarray:
         if path.suffix.lower() == ".png":
             values = read_mask(path).astype(np.int64)

@@ -35,16 +35,25 @@ _PALETTE_CODES = (VOC_PALETTE.astype(np.int64) << [16, 8, 0]).sum(axis=1)
 _PALETTE_ORDER = np.argsort(_PALETTE_CODES)
 
 
-def _open(path: str | Path) -> Image.Image:
+def _open(path: str | Path, decode: bool = True) -> Image.Image:
+    """The image at ``path``, its pixels decoded (or only its header read: ``decode=False``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
-            image.load()
+            if decode:
+                image.load()
     except Exception as err:  # noqa: BLE001 (any parser failure on untrusted bytes)
         raise DataError(f"cannot read image file {path}: {type(err).__name__}: {err}") from None
     return image
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the image :func:`read_image` would return, from the file header only
+    (the pixels are not decoded)."""
+    width, height = _open(path, decode=False).size
+    return height, width
 
 
 def read_image(path: str | Path) -> np.ndarray:

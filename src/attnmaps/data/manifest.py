@@ -176,9 +176,13 @@ class ManifestDataset(ImageDataset):
                              f"in {self.root / 'classes.txt'}")
         return names
 
+    def image_labels(self, i: int) -> torch.Tensor:
+        """Item ``i``'s labels from the manifest; nothing is read."""
+        return multi_hot(self.label_indices[i], self.num_classes)
+
     def load_target(self, i: int, image_shape: tuple[int, ...]) -> tuple[np.ndarray | None,
                                                                            torch.Tensor]:
-        labels = multi_hot(self.label_indices[i], self.num_classes)
+        labels = self.image_labels(i)
         entry = self.entries[i]
         if entry.mask is None:
             return None, labels
