@@ -60,6 +60,17 @@ def test_resume_continues_the_same_run(data_root: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_eval_every_scores_every_nth_and_the_last_epoch(data_root: Path, tmp_path: Path) -> None:
+    seen: dict[int, dict] = {}
+    run = tmp_path / "run"
+    final = train(tiny_config(data_root, run, "train.epochs=5", "train.eval_every=2"),
+                  on_epoch=lambda epoch, metrics: seen.setdefault(epoch, metrics))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "eval" in r] == [1, 3, 4]
+    assert [sorted(seen[e]) for e in (0, 2)] == [["images_per_second"]] * 2
+    assert "map" in seen[1] and final is seen[4] and "map" in final
+
+
 def test_existing_run_needs_resume(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny_config(data_root, tmp_path / "run", "train.epochs=1")
     train(cfg)

@@ -124,6 +124,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"pattern": (
         r"auto|cpu|mps|cuda(:[0-9]+)?", "'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")})
     log_every: int = field(default=20, metadata=_COUNT)
+    # epochs between evaluations on data.val_split (the last epoch is always evaluated)
+    eval_every: int = field(default=1, metadata=_COUNT)
     # steps between checkpoints inside an epoch (0: only at epoch ends and on Ctrl-C / SIGTERM)
     checkpoint_every: int = field(default=200, metadata=_NON_NEGATIVE)
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})

@@ -532,11 +532,28 @@ def checkpoint_label(run: Run, epoch: int, batches_done: int) -> str:
     return f"epoch {epoch + 1}{where}, step {run.step}, in {run.run_dir}"
 
 
+def evaluation_due(run: Run, epoch: int, images_per_second: float) -> bool:
+    """Whether ``epoch`` is scored on the validation split: every ``train.eval_every`` epochs
+    and the last. When not, saves the checkpoint and logs the throughput only."""
+    cfg = run.cfg
+    if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
+        return True
+    save_state(run, epoch, run.steps_per_epoch)
+    if run.ctx.is_main:
+        logger.info("epoch %d/%d: not evaluated (train.eval_every=%d)  (%.0f images/s)",
+                    epoch + 1, cfg.train.epochs, cfg.train.eval_every, images_per_second)
+    barrier()
+    return False
+
+
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
-    """Evaluate (without PAMR, CRF and TTA before the last epoch), log the metrics and save the
-    checkpoint (rank 0); returns the metrics, equal on every process."""
+    """Evaluate (without PAMR, CRF and TTA before the last epoch; only every
+    ``train.eval_every`` epochs), log the metrics and save the checkpoint (rank 0); returns the
+    metrics, equal on every process ({"images_per_second"} alone for an epoch not evaluated)."""
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
+    if not evaluation_due(run, epoch, images_per_second):
+        return {"images_per_second": images_per_second}
     last = epoch == cfg.train.epochs - 1
     settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
                                                tta_scales=[1.0], tta_flip=False)

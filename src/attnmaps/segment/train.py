@@ -28,6 +28,7 @@ from ..engine.train import (
     append_log,
     assemble_run,
     check_run_dir,
+    evaluation_due,
     save_state,
     train,
 )
@@ -88,9 +89,12 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
-    """Score the validation split (no image labels), log, save the checkpoint (rank 0)."""
+    """Score the validation split (no image labels; every ``train.eval_every`` epochs and the
+    last), log, save the checkpoint (rank 0)."""
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
+    if not evaluation_due(run, epoch, images_per_second):
+        return {"images_per_second": images_per_second}
     labels = num_labels(run.val_set)
     # as in stage 1, the refinement (slow, it only changes the masks) scores the last epoch only
     metrics = evaluate_segmenter(run.scored_model, run.val_set, cfg.segment, labels,
