@@ -10,7 +10,7 @@ A variant of ``pseudo.*`` keys only (e.g. "merge by probability") is scored on t
 of the same seed, without training. Choose settings on ``--split tune``; report ``--split val``.
 Finished runs are read back, so an interrupted benchmark resumes; ``--jobs N`` trains and scores
 N runs at a time, each in its own process (one per core, ``--threads 1``). Writes
-``--out/small_data_<split>.json`` and prints a table.
+``--out/small_data_<split>.json``, a bar chart of it (``.png``) and prints a table.
 
     python benchmarks/small_data.py --out runs/small_data --split tune --seeds 1 --epochs 6
     python benchmarks/small_data.py --out runs/small_data --split val --seeds 3 --variants recipe
@@ -31,6 +31,10 @@ from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import torch
 
 from attnmaps.config import PseudoMaskConfig, load_config
@@ -167,6 +171,31 @@ def run_all(out: Path, data: Path, shared: list[str], split: str, pamr: int, nam
     return results
 
 
+PLOTTED = (("map", "mAP"), ("miou", "mIoU, predicted labels"),
+           ("miou_true_labels", "mIoU, true labels"), ("raw_miou_true_labels", "raw maps, true labels"),
+           ("class_map_correlation", "class-map correlation"))
+
+
+def plot_summary(summary: dict, floor: float, path: Path) -> Path:
+    """One group of horizontal bars per variant (mean, with the seeds' standard deviation as
+    error bars) for the keys of ``PLOTTED``, the no-learning floor as a dashed line."""
+    names = list(summary)[::-1]
+    height = 0.8 / len(PLOTTED)
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.55 * len(names)))
+    for k, (key, label) in enumerate(PLOTTED):
+        means, sds = zip(*(summary[name][key] for name in names), strict=True)
+        ax.barh([i + ((len(PLOTTED) - 1) / 2 - k) * height for i in range(len(names))], means,
+                height, xerr=sds, label=label, capsize=2)
+    ax.axvline(floor, color="black", linestyle="--", linewidth=1, label="no-learning floor")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean and sample std (0 for one run) of every key."""
     return {key: (statistics.mean(r[key] for r in runs),
@@ -205,11 +234,12 @@ def main() -> None:
               "extra_overrides": extra, "runs": results, "summary": summary}
     out = args.out / f"small_data_{args.split}.json"
     out.write_text(json.dumps(report, indent=2))
+    plot_summary(summary, floor, out.with_suffix(".png"))
     print(f"split {args.split}, {args.seeds} seed(s), no-learning floor mIoU {floor:.3f}")
     print(f"{'variant':22s}" + "".join(f"{key:>26s}" for key in KEYS))
     for name, row in summary.items():
         print(f"{name:22s}" + "".join(f"{m:>18.3f} ± {s:5.3f}" for m, s in row.values()))
-    print(f"written to {out}")
+    print(f"written to {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "small_data_tune.json").read_text())
     assert 0.0 <= report["floor_miou"] <= 1.0
     assert set(report["summary"]) == {"recipe", "no prior bias", "merge by probability"}
+    assert (tmp_path / "small_data_tune.png").read_bytes()[:4] == b"\x89PNG"
     for row in report["summary"].values():
         for key in ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels"):
             assert 0.0 <= row[key][0] <= 1.0
