@@ -532,18 +532,18 @@ def checkpoint_label(run: Run, epoch: int, batches_done: int) -> str:
     return f"epoch {epoch + 1}{where}, step {run.step}, in {run.run_dir}"
 
 
-def evaluation_due(run: Run, epoch: int, images_per_second: float) -> bool:
-    """Whether ``epoch`` is scored on the validation split: every ``train.eval_every`` epochs
-    and the last. When not, saves the checkpoint and logs the throughput only."""
+def ended_without_evaluation(run: Run, epoch: int, images_per_second: float) -> bool:
+    """Ends ``epoch`` when ``train.eval_every`` does not score it (every N-th epoch and the last
+    are scored): saves the checkpoint, logs the throughput, returns True. False otherwise."""
     cfg = run.cfg
     if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-        return True
+        return False
     save_state(run, epoch, run.steps_per_epoch)
     if run.ctx.is_main:
         logger.info("epoch %d/%d: not evaluated (train.eval_every=%d)  (%.0f images/s)",
                     epoch + 1, cfg.train.epochs, cfg.train.eval_every, images_per_second)
     barrier()
-    return False
+    return True
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
@@ -552,7 +552,7 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     metrics, equal on every process ({"images_per_second"} alone for an epoch not evaluated)."""
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
-    if not evaluation_due(run, epoch, images_per_second):
+    if ended_without_evaluation(run, epoch, images_per_second):
         return {"images_per_second": images_per_second}
     last = epoch == cfg.train.epochs - 1
     settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,

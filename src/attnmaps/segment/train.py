@@ -28,7 +28,7 @@ from ..engine.train import (
     append_log,
     assemble_run,
     check_run_dir,
-    evaluation_due,
+    ended_without_evaluation,
     save_state,
     train,
 )
@@ -93,7 +93,7 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     last), log, save the checkpoint (rank 0)."""
     cfg, ctx = run.cfg, run.ctx
     sync_buffers(run.model)
-    if not evaluation_due(run, epoch, images_per_second):
+    if ended_without_evaluation(run, epoch, images_per_second):
         return {"images_per_second": images_per_second}
     labels = num_labels(run.val_set)
     # as in stage 1, the refinement (slow, it only changes the masks) scores the last epoch only
