@@ -69,6 +69,10 @@ def test_eval_every_scores_every_nth_and_the_last_epoch(data_root: Path, tmp_pat
     assert [r["epoch"] for r in records if "eval" in r] == [1, 3, 4]
     assert [sorted(seen[e]) for e in (0, 2)] == [["images_per_second"]] * 2
     assert "map" in seen[1] and final is seen[4] and "map" in final
+    every = tmp_path / "every"
+    train(tiny_config(data_root, every, "train.epochs=5"))
+    a, b = load_file(run / "last.safetensors"), load_file(every / "last.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)  # evaluation draws no random numbers
 
 
 def test_existing_run_needs_resume(data_root: Path, tmp_path: Path) -> None:

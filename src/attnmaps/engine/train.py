@@ -557,8 +557,9 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
     last = epoch == cfg.train.epochs - 1
     settings = cfg.pseudo if last else replace(cfg.pseudo, refine_iterations=0, crf=False,
                                                tta_scales=[1.0], tta_flip=False)
-    metrics = evaluate(run.scored_model, run.val_set, settings,
-                       **{**eval_options(cfg), "batch_size": run.batch_size})
+    with torch.random.fork_rng(devices=[]):  # the training's random stream is the same
+        metrics = evaluate(run.scored_model, run.val_set, settings,  # whatever eval_every is
+                           **{**eval_options(cfg), "batch_size": run.batch_size})
     metrics["images_per_second"] = images_per_second
     save_state(run, epoch, run.steps_per_epoch)
     if ctx.is_main:

@@ -97,8 +97,9 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> dict:
         return {"images_per_second": images_per_second}
     labels = num_labels(run.val_set)
     # as in stage 1, the refinement (slow, it only changes the masks) scores the last epoch only
-    metrics = evaluate_segmenter(run.scored_model, run.val_set, cfg.segment, labels,
-                                 run.batch_size, refine=epoch == cfg.train.epochs - 1)
+    with torch.random.fork_rng(devices=[]):  # no random draws taken from the training
+        metrics = evaluate_segmenter(run.scored_model, run.val_set, cfg.segment, labels,
+                                     run.batch_size, refine=epoch == cfg.train.epochs - 1)
     metrics["images_per_second"] = images_per_second
     save_state(run, epoch, run.steps_per_epoch)
     if ctx.is_main:
