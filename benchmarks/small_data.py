@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from _variants import summarise
 
 from attnmaps.config import PseudoMaskConfig, load_config
 from attnmaps.data.cutout_scenes import digit_cutouts, write_cutout_voc
@@ -196,13 +196,6 @@ def plot_summary(summary: dict, floor: float, path: Path) -> Path:
     return path
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Mean and sample std (0 for one run) of every key."""
-    return {key: (statistics.mean(r[key] for r in runs),
-                  statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0)
-            for key in KEYS}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/small_data"))
@@ -229,7 +222,7 @@ def main() -> None:
     floor = floor_miou(build_dataset(floor_cfg.data, args.split, train=False))
     results = run_all(args.out, data, extra, args.split, sizes["pamr"], sizes["variants"],
                       args.seeds, args.jobs, args.threads)
-    summary = {name: summarise(runs) for name, runs in results.items()}
+    summary = summarise(results, KEYS)
     report = {"split": args.split, "seeds": args.seeds, "floor_miou": floor,
               "extra_overrides": extra, "runs": results, "summary": summary}
     out = args.out / f"small_data_{args.split}.json"
