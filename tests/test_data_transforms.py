@@ -7,10 +7,10 @@ from attnmaps.data.image_io import write_image, write_mask
 from attnmaps.data.transforms import (
     Augment,
     adjust_color,
+    affine_pair,
     random_crop_box,
     resize_image,
     resize_mask,
-    rotate_pair,
 )
 from attnmaps.data.voc import VOCDataset
 
@@ -93,9 +93,9 @@ def test_rotation():
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, size=(6, 6, 4), dtype=np.uint8)
     mask = rng.integers(0, 5, size=(6, 6), dtype=np.uint8)
-    out_image, out_mask = rotate_pair(image, mask, 90)
+    out_image, out_mask = affine_pair(image, mask, 90)
     assert np.array_equal(out_image, np.rot90(image)) and np.array_equal(out_mask, np.rot90(mask))
-    out_image, out_mask = rotate_pair(image.astype(np.float32), mask, 45)
+    out_image, out_mask = affine_pair(image.astype(np.float32), mask, 45)
     assert out_mask[0, 0] == 255 and out_image[0, 0].tolist() == [0, 0, 0, 0]
     assert out_mask[3, 3] != 255
 
@@ -111,6 +111,25 @@ def test_rotation():
         assert agree[inside].mean() > 0.97 and (out_image[~inside] == 0).all()
         masks.append(out_mask)
     assert len({m.tobytes() for m in masks}) == 5 and any((m == 255).any() for m in masks)
+
+
+def test_zoom_about_the_centre():
+    mask = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    _, enlarged = affine_pair(image, mask, scale=2.0)  # the central 4x4, each pixel twice
+    assert np.array_equal(enlarged, mask[2:6, 2:6].repeat(2, 0).repeat(2, 1))
+    out_image, shrunk = affine_pair(image, mask, scale=0.5)  # every second pixel, void around
+    expected = np.full((8, 8), 255, dtype=np.uint8)
+    expected[2:6, 2:6] = mask[1::2, 1::2]
+    assert np.array_equal(shrunk, expected)
+    assert (out_image[shrunk == 255] == 0).all() and (out_image[3:5, 3:5] == 200).all()
+    torch.manual_seed(0)
+    scales = set()
+    for _ in range(4):
+        _, zoomed = Augment(zoom=(0.5, 0.9))(image, mask)
+        scales.add(int((zoomed != 255).sum()))
+        assert (zoomed[0] == 255).all()  # shrunk by at least 0.9: the border is void
+    assert len(scales) > 1
 
 
 def test_adjust_color_matches_pil_enhance():
@@ -138,6 +157,8 @@ def test_photometric_only_for_rgb():
     ({"crop_scale": (0.6, 0.3)}, r"data\.crop_scale must be \[low, high\].*\(0\.6, 0\.3\)"),
     ({"crop_scale": (0.0, 1.0)}, r"data\.crop_scale"),
     ({"rotate": 200.0}, r"data\.rotate must be .*\[0, 180\].*200"),
+    ({"zoom": (1.2, 0.8)}, r"data\.zoom must be \[low, high\].*\(1\.2, 0\.8\)"),
+    ({"zoom": (0.0, 1.0)}, r"data\.zoom"),
     ({"color_jitter": 1.0}, r"data\.color_jitter must be in \[0, 1\)"),
     ({"size": (4,)}, r"image_size must be \(H, W\)"),
 ])
@@ -167,7 +188,7 @@ def test_dataset_augmentation_keeps_alignment(tmp_path):
     assert torch.equal(evaluation[0]["mask"], torch.tensor(resize_mask(mask, (24, 24))).long())
 
 
-def test_rotation_starts_at_rotate_start_epoch(tmp_path, monkeypatch):
+def test_rotation_and_zoom_start_at_their_epochs(tmp_path, monkeypatch):
     from attnmaps.config import load_config
     from attnmaps.data import transforms
     from attnmaps.data.synthetic import write_synthetic_voc
@@ -177,25 +198,29 @@ def test_rotation_starts_at_rotate_start_epoch(tmp_path, monkeypatch):
     cfg = load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
                              "model.depth=1", "model.num_heads=2", "train.batch_size=8",
                              "train.epochs=3", "data.rotate=10", "data.rotate_start_epoch=2",
+                             "data.zoom=0.8,0.9", "data.zoom_start_epoch=1",
                              f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
-    angles: list[float] = []
-    rotate_pair = transforms.rotate_pair
+    calls: list[tuple[float, float]] = []
+    affine_pair = transforms.affine_pair
 
-    def recording(image, mask, degrees):
-        angles.append(degrees)
-        return rotate_pair(image, mask, degrees)
+    def recording(image, mask, degrees, scale):
+        calls.append((degrees, scale))
+        return affine_pair(image, mask, degrees, scale)
 
-    monkeypatch.setattr(transforms, "rotate_pair", recording)
+    monkeypatch.setattr(transforms, "affine_pair", recording)
     per_epoch: list[int] = []
-    train(cfg, on_epoch=lambda epoch, metrics: per_epoch.append(len(angles)))
-    assert per_epoch == [0, 0, 16]  # epochs 0 and 1 upright, every image of epoch 2 rotated
+    train(cfg, on_epoch=lambda epoch, metrics: per_epoch.append(len(calls)))
+    assert per_epoch == [0, 16, 32]  # epoch 0 untouched, every image of epochs 1 and 2 zoomed
+    assert all(d == 0 and 0.8 <= s <= 0.9 for d, s in calls[:16])  # zoom alone in epoch 1
+    angles = [d for d, _ in calls[16:]]
     assert all(abs(a) <= 10 for a in angles) and len(set(angles)) > 1
-    with pytest.raises(ValueError, match="persistent_workers"):
-        load_config(None, ["data.rotate_start_epoch=2", "data.persistent_workers=true"])
+    for key in ("rotate_start_epoch", "zoom_start_epoch"):
+        with pytest.raises(ValueError, match=f"data.{key}.*persistent_workers"):
+            load_config(None, [f"data.{key}=2", "data.persistent_workers=true"])
 
 
-def test_set_rotation_reaches_a_wrapped_dataset():
-    from attnmaps.data.transforms import Augment, set_rotation
+def test_set_geometry_reaches_a_wrapped_dataset():
+    from attnmaps.data.transforms import Augment, set_geometry
 
     class Inner:
         augment = Augment(rotate=10.0)
@@ -203,5 +228,7 @@ def test_set_rotation_reaches_a_wrapped_dataset():
     class Wrapper:
         dataset = Inner()
 
-    assert set_rotation(Wrapper(), 0.0) and Inner.augment.rotate == 0.0
-    assert not set_rotation(object(), 5.0)
+    assert set_geometry(Wrapper(), 0.0, [0.8, 1.2])
+    assert Inner.augment.rotate == 0.0 and Inner.augment.zoom == (0.8, 1.2)
+    assert set_geometry(Wrapper(), 5.0, None) and Inner.augment.zoom is None
+    assert not set_geometry(object(), 5.0, None)

@@ -99,6 +99,10 @@ class DataConfig:
     # training epochs without the rotation before it starts (a curriculum: a small set's
     # classifier first learns upright objects; with workers, needs persistent_workers=false)
     rotate_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
+    # random zoom of image and mask about the centre by a factor in [low, high] (< 1: the scene
+    # shrinks inside a void border; > 1: its centre enlarges), from epoch zoom_start_epoch on
+    zoom: list[float] | None = field(default=None, metadata=_PAIR)
+    zoom_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
     color_jitter: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
     has_background: bool | None = None
     label_map: list[int] | None = None
@@ -472,10 +476,11 @@ def _validate(cfg: Config) -> None:
     if not 0.0 < cfg.pretrain.mask_ratio < 1.0:
         raise ConfigError(f"Config key 'pretrain.mask_ratio' is {cfg.pretrain.mask_ratio}; expected "
                          "a fraction of the patches in (0, 1), e.g. 0.6")
-    if cfg.data.rotate_start_epoch and cfg.data.persistent_workers:
-        raise ConfigError(f"Config key 'data.rotate_start_epoch' is {cfg.data.rotate_start_epoch}"
-                          "; persistent loader workers (data.persistent_workers=true) would keep "
-                          "the epoch-0 rotation: set data.persistent_workers=false")
+    for key in ("rotate_start_epoch", "zoom_start_epoch"):
+        if getattr(cfg.data, key) and cfg.data.persistent_workers:
+            raise ConfigError(f"Config key 'data.{key}' is {getattr(cfg.data, key)}; persistent "
+                              "loader workers (data.persistent_workers=true) would keep the "
+                              "epoch-0 augmentation: set data.persistent_workers=false")
     if cfg.train.gate_lr_scale <= 0:
         raise ConfigError(f"Config key 'train.gate_lr_scale' is {cfg.train.gate_lr_scale}; expected "
                          "a positive multiple of train.lr for the head gates")

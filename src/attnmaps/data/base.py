@@ -127,6 +127,7 @@ class ImageDataset(Dataset):
         rotate: float = 0.0,
         color_jitter: float = 0.0,
         uint8_images: bool = False,
+        zoom: tuple[float, float] | None = None,
     ) -> None:
         expected = self.channels or len(mean)
         if len(mean) != expected or len(std) != expected or min(std) <= 0:
@@ -138,7 +139,7 @@ class ImageDataset(Dataset):
                              "data.normalize_on_device=false")
         self.uint8_images = uint8_images
         size = None if image_size is None else tuple(int(s) for s in image_size)
-        self.augment = Augment(size, crop_scale, rotate, hflip, color_jitter)
+        self.augment = Augment(size, crop_scale, rotate, hflip, color_jitter, zoom)
         self.image_size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)

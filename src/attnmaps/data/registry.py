@@ -32,8 +32,9 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ImageDataset:
     """The dataset ``cfg.name`` for ``split``.
 
     Training sets get the configured augmentations (``hflip``, ``crop_scale``, ``rotate``,
-    ``color_jitter``) and, with ``normalize_on_device``, keep uint8 images for the training loop
-    to normalise on its device; evaluation sets are only resized, deterministically. ``synthetic`` reads
+    ``zoom``, ``color_jitter``) and, with ``normalize_on_device``, keep uint8 images for the
+    training loop to normalise on its device; evaluation sets are only resized,
+    deterministically. ``synthetic`` reads
     the VOC layout like ``voc`` and, when ``cfg.root`` does not exist yet, first writes the
     default synthetic set there.
     """
@@ -50,6 +51,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> ImageDataset:
     if train:
         options.update(hflip=cfg.hflip, rotate=cfg.rotate, color_jitter=cfg.color_jitter,
                        crop_scale=None if cfg.crop_scale is None else tuple(cfg.crop_scale),
+                       zoom=None if cfg.zoom is None else tuple(cfg.zoom),
                        uint8_images=cfg.normalize_on_device)
     if cfg.has_background is not None:
         if cfg.name in OPTIONAL_BACKGROUND:

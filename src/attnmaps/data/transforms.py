@@ -2,7 +2,7 @@
 
 Images keep their dtype through the geometric steps (uint8 stays uint8, anything else becomes
 float32) and are resized bilinearly per channel, so any channel count works; masks always use
-nearest neighbour, and pixels that a rotation brings in from outside the image become 255
+nearest neighbour, and pixels that a rotation or zoom brings in from outside the image become 255
 (ignore) in the mask and 0 in the image. Randomness comes from ``torch``'s global generator, which
 DataLoader seeds differently in each worker.
 
@@ -51,14 +51,22 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
 
 
-def rotate_pair(image: np.ndarray, mask: np.ndarray,
-                degrees: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate image (bilinear, fill 0) and mask (nearest, fill 255) counter-clockwise about the
-    centre, keeping the size."""
-    image = _per_channel(image, lambda p: p.rotate(degrees, Image.Resampling.BILINEAR,
-                                                   fillcolor=0))
-    mask = np.asarray(Image.fromarray(mask).rotate(degrees, Image.Resampling.NEAREST,
-                                                   fillcolor=IGNORE_INDEX))
+def affine_pair(image: np.ndarray, mask: np.ndarray, degrees: float = 0.0,
+                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate image (bilinear, fill 0) and mask (nearest, fill 255) counter-clockwise by
+    ``degrees`` and scale them by ``scale`` (> 1 enlarges: a zoom in) about the centre, keeping
+    the size. One resampling, with the inverse map PIL's ``rotate`` builds, divided by ``scale``."""
+    height, width = mask.shape
+    angle = -math.radians(degrees)
+    a, b = round(math.cos(angle), 15) / scale, round(math.sin(angle), 15) / scale
+    cx, cy = width / 2.0, height / 2.0
+    matrix = (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
+    size = (width, height)
+    image = _per_channel(image, lambda p: p.transform(size, Image.Transform.AFFINE, matrix,
+                                                      Image.Resampling.BILINEAR, fillcolor=0))
+    mask = np.asarray(Image.fromarray(mask).transform(size, Image.Transform.AFFINE, matrix,
+                                                      Image.Resampling.NEAREST,
+                                                      fillcolor=IGNORE_INDEX))
     return image, mask
 
 
@@ -104,7 +112,9 @@ class Augment:
 
     Geometric steps (``__call__``, on numpy arrays): random resized crop (area fraction in
     ``crop_scale``) then resize to ``size`` (the input size when ``None``), a rotation by an
-    angle uniform in [-rotate, rotate] degrees, a horizontal flip with probability 0.5.
+    angle uniform in [-rotate, rotate] degrees and a zoom by a factor uniform in ``zoom`` (low,
+    high; < 1 shrinks the scene inside a void border, > 1 enlarges its centre) about the centre,
+    in one resampling, then a horizontal flip with probability 0.5.
     ``photometric`` applies color jitter (factors uniform in [1-j, 1+j]) to RGB tensors in [0,1].
     With no augmentation set the transform is deterministic (evaluation).
     """
@@ -114,6 +124,7 @@ class Augment:
     rotate: float = 0.0
     hflip: bool = False
     color_jitter: float = 0.0
+    zoom: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -126,6 +137,11 @@ class Augment:
         if not 0.0 <= self.rotate <= 180.0:
             raise ValueError(f"data.rotate must be a maximum angle in [0, 180] degrees, "
                              f"got {self.rotate}")
+        if self.zoom is not None:
+            if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+                raise ValueError(f"data.zoom must be [low, high] scale factors with 0 < low <= "
+                                 f"high, e.g. [0.8, 1.2], got {self.zoom}")
+            self.zoom = (float(self.zoom[0]), float(self.zoom[1]))
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
 
@@ -137,8 +153,10 @@ class Augment:
             top, left, h, w = random_crop_box(*image.shape[:2], self.crop_scale)
             image, mask = image[top:top + h, left:left + w], mask[top:top + h, left:left + w]
         image, mask = resize_image(image, size), resize_mask(mask, size)
-        if self.rotate:
-            image, mask = rotate_pair(image, mask, _uniform(-self.rotate, self.rotate))
+        degrees = _uniform(-self.rotate, self.rotate) if self.rotate else 0.0
+        scale = _uniform(*self.zoom) if self.zoom else 1.0
+        if degrees or scale != 1.0:
+            image, mask = affine_pair(image, mask, degrees, scale)
         if self.hflip and torch.rand(()).item() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
@@ -154,13 +172,14 @@ class Augment:
         return adjust_color(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))
 
 
-def set_rotation(dataset: object, degrees: float) -> bool:
-    """Set the maximum rotation of the :class:`Augment` of ``dataset`` (or of the dataset it
-    wraps, through ``.dataset``) to ``degrees``; False when there is none."""
+def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | None) -> bool:
+    """Set the maximum rotation and the zoom range of the :class:`Augment` of ``dataset`` (or of
+    the dataset it wraps, through ``.dataset``); False when there is none."""
     while dataset is not None:
         augment = getattr(dataset, "augment", None)
         if isinstance(augment, Augment):
-            augment.rotate = float(degrees)
+            augment.rotate = float(rotate)
+            augment.zoom = None if zoom is None else (float(zoom[0]), float(zoom[1]))
             return True
         dataset = getattr(dataset, "dataset", None)
     return False
