@@ -1,8 +1,8 @@
 """How fast does a plain CNN learn the scene set? The ViT's convolutional stem (``--arch stem``)
 or a small residual network (``--arch resnet``) + global pooling + a linear head (bias at the
-label prior), trained on the image labels with the config's rotation curriculum
-(``data.rotate`` from ``data.rotate_start_epoch``); prints train BCE and the tune split's mAP
-every ``--every`` steps. A diagnostic for the small-data section of the README (would a CNN
+label prior), trained on the image labels with the config's rotation and zoom curriculum
+(``data.rotate`` / ``data.zoom`` from ``data.rotate_start_epoch`` / ``data.zoom_start_epoch``);
+prints train BCE and the tune split's mAP every ``--every`` steps. A diagnostic for the small-data section of the README (would a CNN
 teacher learn faster than the ViT?).
 
     python benchmarks/cnn_probe.py --data data/digits --pool max --epochs 3
@@ -21,7 +21,7 @@ from torch import nn
 
 from attnmaps.config import load_config
 from attnmaps.data.registry import build_dataset
-from attnmaps.data.transforms import set_rotation
+from attnmaps.data.transforms import set_geometry_at_epoch
 from attnmaps.engine.label_prior import init_head_bias, label_frequencies
 from attnmaps.metrics.classification import MultiLabelMetric
 from attnmaps.models.vit import ConvStemPatchEmbed
@@ -103,7 +103,7 @@ def main() -> None:
                                          shuffle=True, drop_last=True)
     step, started = 0, time.time()
     for epoch in range(args.epochs):
-        set_rotation(train_set, cfg.data.rotate if epoch >= cfg.data.rotate_start_epoch else 0.0)
+        set_geometry_at_epoch(train_set, cfg.data, epoch)
         for batch in loader:
             model.train()
             loss = F.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])

@@ -65,6 +65,8 @@ VARIANTS = {
     "drop path 0.1": ["model.drop_path=0.1"],
     "no rotation": ["data.rotate=0"],
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
+    "zoom from epoch 10": ["data.zoom=[0.75,1.15]", "data.zoom_start_epoch=10"],
+    "mixup": ["train.mix=mixup"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..conventions import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -183,3 +187,10 @@ def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | Non
             return True
         dataset = getattr(dataset, "dataset", None)
     return False
+
+
+def set_geometry_at_epoch(dataset: object, cfg: DataConfig, epoch: int) -> bool:
+    """:func:`set_geometry` with the rotation and zoom of ``cfg`` as they stand at ``epoch``:
+    off before ``cfg.rotate_start_epoch`` / ``cfg.zoom_start_epoch`` (the curriculum)."""
+    return set_geometry(dataset, cfg.rotate if epoch >= cfg.rotate_start_epoch else 0.0,
+                        cfg.zoom if epoch >= cfg.zoom_start_epoch else None)

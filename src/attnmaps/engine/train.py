@@ -60,7 +60,7 @@ from ..data.base import normalize_images
 from ..data.mask_budget import MaskBudget
 from ..data.mixing import mix_batch
 from ..data.registry import build_dataset
-from ..data.transforms import set_geometry
+from ..data.transforms import set_geometry_at_epoch
 from ..errors import TrainingDiverged
 from ..metrics.report import to_jsonable
 from ..models.factory import checkpoint_metadata, create_model
@@ -418,11 +418,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     cfg = run.cfg
     run.train_step.train()
     run.sampler.set_epoch(epoch)
-    data = cfg.data
-    if data.rotate_start_epoch or data.zoom_start_epoch:  # workers copy the dataset at iter()
-        set_geometry(run.loader.dataset,
-                     data.rotate if epoch >= data.rotate_start_epoch else 0.0,
-                     data.zoom if epoch >= data.zoom_start_epoch else None)
+    if cfg.data.rotate_start_epoch or cfg.data.zoom_start_epoch:  # workers copy it at iter()
+        set_geometry_at_epoch(run.loader.dataset, cfg.data, epoch)
     skip, run.skip_batches = run.skip_batches, 0
     loader = run.loader if not skip else make_loader(
         run.loader.dataset, run.batch_size, SkipSampler(run.sampler, skip * run.batch_size),
