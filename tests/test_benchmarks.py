@@ -191,3 +191,32 @@ def test_cnn_probe_residual_network() -> None:
     assert features(torch.randn(2, 3, 32, 48)).shape == (2, 32, 4, 6)
     model = cnn_probe.PooledCNN(5, features, 32, "max")
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 5)
+
+
+def test_classifier_gap_scores_both_heads_and_their_ensemble() -> None:
+    classifier_gap = import_benchmark("classifier_gap")
+    import torch
+    import torch.nn.functional as F
+
+    from attnmaps.models.vit import ClassTokenViT
+
+    torch.manual_seed(0)
+    model = ClassTokenViT(num_classes=3, img_size=(16, 16), patch_size=4, embed_dim=16, depth=2,
+                          num_heads=2, head="per_token", patch_head=True).eval()
+    images = torch.randn(6, 3, 16, 16)
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]],
+                          dtype=torch.float32)
+    dataset = [{"image": x, "labels": y} for x, y in zip(images, labels, strict=True)]
+    scores = classifier_gap.classifier_scores(model, dataset, [1.0], batch_size=4)
+    with torch.no_grad():
+        tokens = model(images)  # the plain forward pass: no patch outputs
+        out = model.forward_features(images)
+        patch = model.patch_head(out["patch"]).amax(1)
+    mean_prob = (tokens.sigmoid() + patch.sigmoid()) / 2
+    expected = {"class tokens": F.binary_cross_entropy_with_logits(tokens, labels),
+                "patch head": F.binary_cross_entropy_with_logits(patch, labels),
+                "ensemble": F.binary_cross_entropy(mean_prob, labels)}
+    for head, bce in expected.items():
+        for read_out in ("1 scale", "1 scales"):
+            assert abs(scores[f"{head}, {read_out}"]["bce"] - bce.item()) < 1e-5
+            assert 0.0 <= scores[f"{head}, {read_out}"]["map"] <= 1.0
