@@ -49,10 +49,11 @@ def classifier_scores(model: ClassTokenViT, dataset, scales: list[float],
     metrics: dict[str, MultiLabelMetric] = {}
     losses: dict[str, float] = {}
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        per_scale = [head_logits(model, batch["image"], scale) for scale in [1.0, *scales]]
-        read_outs = {f"{head}, 1 scale": logits for head, logits in per_scale[0].items()}
-        for head in per_scale[0]:
-            stacked = torch.stack([logits[head] for logits in per_scale[1:]])
+        per_scale = {scale: head_logits(model, batch["image"], scale)
+                     for scale in dict.fromkeys([1.0, *scales])}
+        read_outs = {f"{head}, 1 scale": logits for head, logits in per_scale[1.0].items()}
+        for head in per_scale[1.0]:
+            stacked = torch.stack([per_scale[scale][head] for scale in scales])
             read_outs[f"{head}, {len(scales)} scales"] = mean_probability_logits(stacked)
         for name, logits in read_outs.items():
             metrics.setdefault(name, MultiLabelMetric(model.num_classes)).update(
