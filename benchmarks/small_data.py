@@ -67,6 +67,8 @@ VARIANTS = {
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "no zoom": ["data.zoom=null"],
     "mixup instead of zoom": ["train.mix=mixup", "data.zoom=null"],
+    "one conv per stem stage": ["model.stem_convs_per_stage=1"],
+    "one conv per stem stage, 56 epochs": ["model.stem_convs_per_stage=1", "train.epochs=56"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],

@@ -5,10 +5,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 from vit_helpers import randomise
 
+from attnmaps.config import load_config
+from attnmaps.models.factory import create_model
 from attnmaps.models.vit import (
     ClassTokenViT,
     ConvStemPatchEmbed,
@@ -357,12 +360,47 @@ def test_patch_sizes_and_stems(stem, patch, size, grid):
     assert logits.shape == (2, K) and maps.shape == (2, K, *grid)
 
 
+@pytest.mark.parametrize("convs_per_stage", [1, 2, 3])
 @pytest.mark.parametrize("patch", [2, 4, 8])
-def test_conv_stem_structure(patch):
-    stem = ConvStemPatchEmbed(5, 32, patch)
-    strided = [m for m in stem.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
-    assert len(strided) == int(math.log2(patch))
+def test_conv_stem_structure(patch, convs_per_stage):
+    stem = ConvStemPatchEmbed(5, 32, patch, convs_per_stage)
+    convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    strides = [m.stride[0] for m in convs]
+    assert strides == ([2] + [1] * (convs_per_stage - 1)) * int(math.log2(patch))
     assert stem.eval()(torch.randn(1, 5, 16, 24)).shape == (1, 32, 16 // patch, 24 // patch)
+
+
+def test_one_conv_stem_is_a_chain_of_strided_convolutions():
+    """With one convolution per stage, the stem in eval mode equals conv -> BN -> GELU per stage
+    then the 1x1 projection, computed here with the functional ops on the same weights."""
+    stem = ConvStemPatchEmbed(3, 64, 4, convs_per_stage=1)
+    for m in stem.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    stem.eval()
+    x = torch.randn(2, 3, 12, 20)
+    layers = list(stem.proj)
+    y = x
+    for conv, bn in ((layers[0], layers[1]), (layers[3], layers[4])):
+        y = F.conv2d(y, conv.weight, stride=2, padding=1)
+        y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None]
+                                                              + bn.eps)
+        y = F.gelu(y * bn.weight[:, None, None] + bn.bias[:, None, None])
+    y = F.conv2d(y, layers[6].weight, layers[6].bias)
+    assert_close(stem(x), y)
+    assert sum(p.numel() for p in stem.parameters()) < sum(
+        p.numel() for p in ConvStemPatchEmbed(3, 64, 4).parameters())
+
+
+def test_stem_convs_per_stage_config_builds_the_stem():
+    cfg = load_config(None, ["model.stem_convs_per_stage=1", "model.patch_size=4"])
+    model = create_model(cfg.model, K)
+    strided = [m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)
+               and m.kernel_size == (3, 3)]
+    assert [m.stride[0] for m in strided] == [2, 2]
+    with pytest.raises(ValueError, match="stem_convs_per_stage"):
+        ConvStemPatchEmbed(3, 16, 4, convs_per_stage=0)
 
 
 @pytest.mark.parametrize("patch", [14, 6, 12])

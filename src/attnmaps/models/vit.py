@@ -44,13 +44,14 @@ class LinearPatchEmbed(nn.Module):
 
 
 class ConvStemPatchEmbed(nn.Module):
-    """log2(patch_size) stages of a stride-2 and a stride-1 3x3 convolution (BN + GELU each),
-    then a 1x1 projection.
+    """log2(patch_size) stages, each a stride-2 3x3 convolution followed by
+    ``convs_per_stage - 1`` stride-1 ones (BN + GELU after each), then a 1x1 projection.
 
-    Early convolutions make small ViTs trained from scratch learn much faster (Xiao et al., 2021).
+    Early convolutions make small ViTs trained from scratch learn much faster (Xiao et al., 2021,
+    whose stem has one convolution per stage: ``convs_per_stage=1``).
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, convs_per_stage: int = 2):
         super().__init__()
         steps = round(math.log2(patch_size))
         if 2**steps != patch_size:
@@ -58,15 +59,17 @@ class ConvStemPatchEmbed(nn.Module):
                 f"model.stem='conv' needs a power-of-two patch size, got patch_size={patch_size}; "
                 "use model.stem=linear for patch sizes such as 14"
             )
+        if convs_per_stage < 1:
+            raise ValueError(f"model.stem_convs_per_stage={convs_per_stage}; expected >= 1")
         layers: list[nn.Module] = []
         channels = in_chans
         for i in range(steps):
             out = max(embed_dim // 2 ** (steps - 1 - i), 32)
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(out), nn.GELU(),
-                       nn.Conv2d(out, out, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(out), nn.GELU()]
-            channels = out
+            for k in range(convs_per_stage):
+                layers += [nn.Conv2d(channels, out, 3, stride=2 if k == 0 else 1, padding=1,
+                                     bias=False),
+                           nn.BatchNorm2d(out), nn.GELU()]
+                channels = out
         layers.append(nn.Conv2d(channels, embed_dim, 1))
         self.proj = nn.Sequential(*layers)
 
@@ -306,6 +309,9 @@ class ClassTokenViT(nn.Module):
             token c alone (MCTformer style; K*(D+1) weights). Use ``per_token`` with many
             classes.
         stem: ``"conv"`` (convolutional stem) or ``"linear"`` (plain patchify).
+        stem_convs_per_stage: 3x3 convolutions per stride-2 stage of the conv stem (2: a
+            stride-1 one after each stride-2 one; 1: Xiao et al.'s stem, about a quarter of the
+            multiply-adds at the digits shape).
         gates: Hard-Concrete gate on every head.
         gate_temperature: the gates' Concrete temperature.
         mask_rate: probability of zeroing an absent class's token output in training.
@@ -326,7 +332,7 @@ class ClassTokenViT(nn.Module):
                  patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
                  num_registers: int = 1, head: str = "joint", stem: str = "linear",
-                 gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5,
+                 stem_convs_per_stage: int = 2, gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5,
                  class_blocks: int = 0, grad_checkpointing: bool = False,
                  attention_kernel: str = "auto", patch_head: bool = False):
         super().__init__()
@@ -352,8 +358,9 @@ class ClassTokenViT(nn.Module):
         self.class_blocks = class_blocks
         self.grad_checkpointing = grad_checkpointing
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        embed = ConvStemPatchEmbed if stem == "conv" else LinearPatchEmbed
-        self.patch_embed = embed(in_chans, embed_dim, patch_size)
+        self.patch_embed = (ConvStemPatchEmbed(in_chans, embed_dim, patch_size,
+                                               stem_convs_per_stage)
+                            if stem == "conv" else LinearPatchEmbed(in_chans, embed_dim, patch_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
