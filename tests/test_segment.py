@@ -25,15 +25,16 @@ from attnmaps.data.synthetic import write_synthetic_voc
 from attnmaps.engine.train import train
 from attnmaps.errors import ConfigError
 from attnmaps.models.factory import create_model
-from attnmaps.pseudo.masks import make_pseudo_masks
+from attnmaps.pseudo.masks import make_pseudo_masks, save_pseudo_masks
 from attnmaps.pseudo.pamr import pamr
 from attnmaps.segment import predictors
+from attnmaps.segment import train as segment_train
 from attnmaps.segment.evaluate import evaluate_segmenter
-from attnmaps.segment.loss import cross_entropy_ignore
+from attnmaps.segment.loss import balanced_class_weights, cross_entropy_ignore
 from attnmaps.segment.model import load_segmenter
 from attnmaps.segment.pipeline import segment_config
 from attnmaps.segment.predict import sliding_window_logits, tile_starts, whole_logits
-from attnmaps.segment.seeds import uncertain_pixels
+from attnmaps.segment.seeds import SeedDataset, uncertain_pixels
 from attnmaps.segment.train import train_segmenter
 
 TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
@@ -73,6 +74,70 @@ def test_loss_ignores_255() -> None:
     assert logits.grad[0, :, :2].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
     everything_ignored = cross_entropy_ignore(logits, torch.full_like(target, 255))
     assert everything_ignored.item() == 0.0
+
+
+def test_weighted_loss_is_the_weighted_mean_over_labelled_pixels() -> None:
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[1, 1:3] = 255
+    weight = torch.tensor([0.2, 1.5, 3.0])
+    loss = cross_entropy_ignore(logits, target, weight)
+    keep = target != 255
+    nll = -logits.log_softmax(1).permute(0, 2, 3, 1)[keep].gather(1, target[keep][:, None])[:, 0]
+    expected = (weight[target[keep]] * nll).sum() / weight[target[keep]].sum()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target, weight=weight,
+                                                     ignore_index=255))
+    assert not torch.isclose(loss, cross_entropy_ignore(logits, target))
+
+
+def test_balanced_class_weights_by_hand() -> None:
+    counts = torch.tensor([900.0, 100.0, 25.0, 0.0, 400.0])  # median of the occurring: 250
+    torch.testing.assert_close(balanced_class_weights(counts, 1.0),
+                               torch.tensor([250 / 900, 2.5, 10.0, 0.0, 250 / 400]))
+    torch.testing.assert_close(balanced_class_weights(counts, 0.5),
+                               torch.tensor([(250 / 900) ** 0.5, 2.5 ** 0.5, 10 ** 0.5, 0.0,
+                                             (250 / 400) ** 0.5]))
+    torch.testing.assert_close(balanced_class_weights(counts, 0.0),
+                               torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="no label occurs"):
+        balanced_class_weights(torch.zeros(3), 1.0)
+
+
+def test_seed_label_counts_on_hand_made_seeds(tmp_path: Path) -> None:
+    root = write_synthetic_voc(tmp_path / "data", num_train=3, num_val=1, size=(8, 8), seed=1)
+    base = build_dataset(load_config(None, [f"data.root={root}"]).data, "train", train=False)
+    seeds = torch.zeros(2, 8, 8, dtype=torch.long)
+    seeds[0, :2, :3] = 2   # 6 pixels of label 2
+    seeds[0, 7] = 255      # a row ignored
+    seeds[1, 4:, :] = 4    # 32 pixels of label 4
+    save_pseudo_masks(tmp_path / "seeds", list(base.ids[:2]), seeds)  # the third image: no seed
+    dataset = SeedDataset(base, tmp_path / "seeds")
+    assert len(dataset) == 2
+    counts = dataset.label_counts(6)
+    assert counts.tolist() == [64 - 6 - 8 + 32, 0, 6, 0, 32, 0]
+
+
+def test_stage2_trains_with_the_seeds_balanced_weights(stage1: Path, stage2: Path,
+                                                       tmp_path: Path, monkeypatch) -> None:
+    used = []
+
+    class Recording(segment_train.SegmentationObjective):
+        def __init__(self, weight=None):
+            super().__init__(weight)
+            used.append(weight)
+
+    monkeypatch.setattr(segment_train, "SegmentationObjective", Recording)
+    out = tmp_path / "weighted"
+    cfg = segment_config(stage1, out, [*SEGMENT, "segment.epochs=1",
+                                       "segment.class_weight_power=0.5"])
+    save_config(cfg, out / "config.yaml")
+    shutil.copytree(stage2 / "seeds", out / "seeds")
+    train_segmenter(cfg)
+    pixels = np.concatenate([read_mask(p).ravel() for p in sorted((out / "seeds").glob("*.png"))])
+    counts = torch.tensor(np.bincount(pixels[pixels != 255], minlength=5)[:5], dtype=torch.float64)
+    torch.testing.assert_close(used[0], balanced_class_weights(counts, 0.5))
+    assert (used[0] != 1).any()
 
 
 def test_ignore_band_on_a_hand_made_map() -> None:

@@ -215,6 +215,9 @@ class SegmentConfig:
     max_images: int = 0
     ignore_margin: float = 0.0
     class_margin: float = 0.0
+    # class-balanced cross-entropy: label c weighted by (median / frequency of c in the seeds) **
+    # power; 0 off, 1 median-frequency balancing, 0.5 its square root
+    class_weight_power: float = 0.0
     inference: str = field(default="slide", metadata={"choices": ("slide", "whole", "resize")})
     window: list[int] | None = field(default=None, metadata=_PAIR)
     overlap: int = 16
@@ -513,6 +516,7 @@ def _validate_segment(seg: SegmentConfig) -> None:
     checks = [
         ("ignore_margin", 0.0 <= seg.ignore_margin < 1.0, "a score margin in [0, 1)"),
         ("class_margin", 0.0 <= seg.class_margin < 1.0, "a score margin in [0, 1)"),
+        ("class_weight_power", seg.class_weight_power >= 0, "0 (unweighted) or more"),
         ("dropout", 0.0 <= seg.dropout < 1.0, "a probability in [0, 1)"),
         ("epochs", seg.epochs >= 1, "at least 1"),
         ("batch_size", seg.batch_size >= 1, "at least 1"),

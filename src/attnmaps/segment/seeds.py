@@ -148,6 +148,15 @@ class SeedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def label_counts(self, num_labels: int) -> Tensor:
+        """Pixels per label [num_labels] over every seed, ignore (255) left out."""
+        counts = torch.zeros(num_labels, dtype=torch.float64)
+        for i in self.indices:
+            seed = torch.from_numpy(read_mask(self.seed_dir / f"{self.base.ids[i]}.png")).long()
+            seed = seed[seed != IGNORE_INDEX]
+            counts += torch.bincount(seed.flatten(), minlength=num_labels)[:num_labels]
+        return counts
+
     def __getitem__(self, index: int) -> dict:
         i = self.indices[index]
         image = self.base.checked_image(i)

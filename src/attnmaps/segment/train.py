@@ -35,7 +35,7 @@ from ..engine.train import (
 from ..progress import logger
 from ..runtime import seed_everything
 from .evaluate import evaluate_segmenter
-from .loss import SegmentationObjective
+from .loss import SegmentationObjective, balanced_class_weights
 from .model import SegmentationViT, create_segmenter, segmenter_metadata
 from .seeds import SeedDataset
 
@@ -84,7 +84,13 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
     labels = num_labels(val_set)
     metadata = segmenter_metadata(cfg.model, cfg.segment, val_set.num_classes, labels,
                                   getattr(val_set, "class_names", None))
-    return assemble_run(cfg, ctx, resume, model, SegmentationObjective(),
+    weight = None
+    if cfg.segment.class_weight_power:
+        weight = balanced_class_weights(train_set.label_counts(num_labels(base)),
+                                        cfg.segment.class_weight_power)
+        logger.info("class-balanced cross-entropy, weights %s",
+                    " ".join(f"{w:.2f}" for w in weight.tolist()))
+    return assemble_run(cfg, ctx, resume, model, SegmentationObjective(weight),
                         build_optimizer(model, cfg), train_set, val_set, metadata, allow_changes)
 
 
