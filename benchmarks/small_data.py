@@ -69,6 +69,7 @@ VARIANTS = {
     "mixup instead of zoom": ["train.mix=mixup", "data.zoom=null"],
     "one conv per stem stage": ["model.stem_convs_per_stage=1"],
     "three convs per stem stage": ["model.stem_convs_per_stage=3"],
+    "three convs per stem stage, 30 epochs": ["model.stem_convs_per_stage=3", "train.epochs=30"],
     "zoom and mixup": ["train.mix=mixup"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],

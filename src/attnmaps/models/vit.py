@@ -332,7 +332,8 @@ class ClassTokenViT(nn.Module):
                  patch_size: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
                  num_registers: int = 1, head: str = "joint", stem: str = "linear",
-                 stem_convs_per_stage: int = 2, gates: bool = True, gate_temperature: float = 0.33, mask_rate: float = 0.5,
+                 stem_convs_per_stage: int = 2, gates: bool = True,
+                 gate_temperature: float = 0.33, mask_rate: float = 0.5,
                  class_blocks: int = 0, grad_checkpointing: bool = False,
                  attention_kernel: str = "auto", patch_head: bool = False):
         super().__init__()
