@@ -124,6 +124,19 @@ def test_crf_speed_reports_both_backends_and_their_agreement(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_stem_cost_counts_the_stem_s_multiply_adds(tmp_path: Path) -> None:
+    result = run_benchmark("stem_cost", ["--batch-size", "2"], tmp_path)["results"]
+    # digits.yaml: 96 x 96 images, patch 8 -> stages of 32, 48 and 96 channels at 48, 24 and 12 px
+    stride2 = 48 * 48 * 32 * 3 * 9 + 24 * 24 * 48 * 32 * 9 + 12 * 12 * 96 * 48 * 9
+    stride1 = 48 * 48 * 32 * 32 * 9 + 24 * 24 * 48 * 48 * 9 + 12 * 12 * 96 * 96 * 9
+    projection = 12 * 12 * 96 * 96
+    for depth in (1, 2, 3):
+        expected = stride2 + (depth - 1) * stride1 + projection
+        assert result[f"{depth} per stage"]["stem_multiply_adds_M"] * 1e6 == pytest.approx(expected)
+    assert result["2 per stage"]["ratio_to_2"] == 1.0
+    assert result["1 per stage"]["stem_parameters"] < result["3 per stage"]["stem_parameters"]
+
+
 def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     pytest.importorskip("mlxtend")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
