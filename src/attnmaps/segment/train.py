@@ -90,6 +90,7 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
                                         cfg.segment.class_weight_power)
         logger.info("class-balanced cross-entropy, weights %s",
                     " ".join(f"{w:.2f}" for w in weight.tolist()))
+        weight = weight.to(ctx.device)  # once here, not a host-to-device copy every step
     return assemble_run(cfg, ctx, resume, model, SegmentationObjective(weight),
                         build_optimizer(model, cfg), train_set, val_set, metadata, allow_changes)
 
