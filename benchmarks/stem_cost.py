@@ -1,6 +1,7 @@
 """Cost of the convolutional stem's depth: one training step of a config's model (its objective:
 BCE, gates, patch head, PatchDropout) with ``model.stem_convs_per_stage`` = 1, 2 and 3, timed
-side by side (interleaved rounds), plus the stem's and the linear layers' multiply-adds per image.
+side by side (interleaved rounds), plus the stem's and the linear layers' multiply-adds per image;
+depths 2 and 3 also with the stem in the contiguous memory format (the default is channels-last).
 
 Reported: seconds per step (median), each depth's time as a ratio to depth 2 (the default; median
 of the per-round ratios), multiply-adds and stem parameters. Writes ``--out`` (JSON).
@@ -24,6 +25,7 @@ from attnmaps.models.factory import create_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "attnmaps" / "configs" / "digits.yaml"
 DEPTHS = (1, 2, 3)
+CONTIGUOUS_DEPTHS = (2, 3)
 
 
 def multiply_adds(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
@@ -65,10 +67,12 @@ def main() -> None:
     size = base.model.img_size
     batch = {"image": torch.randn(args.batch_size, base.model.in_chans, *size),
              "labels": (torch.rand(args.batch_size, num_classes) < 0.2).float()}
-    for depth in DEPTHS:
+    variants = [(depth, True) for depth in DEPTHS] + [(d, False) for d in CONTIGUOUS_DEPTHS]
+    for depth, channels_last in variants:
         cfg = load_config(args.config, [f"model.stem_convs_per_stage={depth}"])
         model = create_model(cfg.model, num_classes)
-        name = f"{depth} per stage"
+        model.patch_embed.channels_last = channels_last
+        name = f"{depth} per stage" + ("" if channels_last else ", contiguous")
         counts[name] = multiply_adds(model, batch["image"][:1])
         params[name] = sum(p.numel() for p in model.patch_embed.parameters())
         objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),

@@ -134,6 +134,8 @@ def test_stem_cost_counts_the_stem_s_multiply_adds(tmp_path: Path) -> None:
         expected = stride2 + (depth - 1) * stride1 + projection
         assert result[f"{depth} per stage"]["stem_multiply_adds_M"] * 1e6 == pytest.approx(expected)
     assert result["2 per stage"]["ratio_to_2"] == 1.0
+    assert result["3 per stage, contiguous"]["stem_multiply_adds_M"] == pytest.approx(
+        result["3 per stage"]["stem_multiply_adds_M"])
     assert result["1 per stage"]["stem_parameters"] < result["3 per stage"]["stem_parameters"]
 
 

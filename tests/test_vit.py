@@ -577,3 +577,22 @@ def test_parse_attn_blocks_rejects(spec):
 def test_parse_attn_blocks_rejects_out_of_range_index(spec):
     with pytest.raises(ValueError):
         parse_attn_blocks(spec, 4)
+
+
+@pytest.mark.parametrize("convs_per_stage", [1, 3])
+def test_channels_last_stem_matches_the_contiguous_one(convs_per_stage):
+    """The channels-last stem (the default) gives the contiguous stem's output and gradients."""
+    torch.manual_seed(0)
+    stem = ConvStemPatchEmbed(3, 32, 4, convs_per_stage).train()
+    x = torch.randn(2, 3, 12, 20)
+    results = []
+    for channels_last in (False, True):
+        stem.channels_last = channels_last
+        stem.zero_grad()
+        out = stem(x)
+        out.square().sum().backward()
+        results.append((out, [p.grad.clone() for p in stem.parameters()]))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for fast, plain in zip(results[1][1], results[0][1]):
+        assert_close(fast, plain, rtol=1e-4, atol=1e-4)
