@@ -71,6 +71,7 @@ VARIANTS = {
     "three convs per stem stage": ["model.stem_convs_per_stage=3"],
     "three convs per stem stage, 30 epochs": ["model.stem_convs_per_stage=3", "train.epochs=30"],
     "zoom and mixup": ["train.mix=mixup"],
+    "three convs per stem stage, 45 epochs": ["model.stem_convs_per_stage=3", "train.epochs=45"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],
