@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from attnmaps.cli import main
-from attnmaps.config import load_config
+from attnmaps.config import config_to_dict, load_config
 from attnmaps.data.synthetic import CLASS_NAMES, write_synthetic_voc
+from attnmaps.engine.resume import config_differences
 from attnmaps.engine.train import train
 
 TINY = ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16", "model.depth=2",
@@ -73,6 +75,13 @@ def test_eval_every_scores_every_nth_and_the_last_epoch(data_root: Path, tmp_pat
     train(tiny_config(data_root, every, "train.epochs=5"))
     a, b = load_file(run / "last.safetensors"), load_file(every / "last.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)  # evaluation draws no random numbers
+
+
+def test_resume_accepts_another_evaluation_cadence_but_not_another_learning_rate(
+        data_root: Path, tmp_path: Path) -> None:
+    stored = yaml.safe_load(yaml.safe_dump(config_to_dict(tiny_config(data_root, tmp_path))))
+    changed = tiny_config(data_root, tmp_path, "train.eval_every=5", "train.lr=0.5")
+    assert config_differences(stored, changed) == {"train.lr": (stored["train"]["lr"], 0.5)}
 
 
 def test_existing_run_needs_resume(data_root: Path, tmp_path: Path) -> None:

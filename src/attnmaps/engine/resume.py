@@ -23,7 +23,8 @@ from ..errors import ConfigError, DataError
 # Keys that may change on resume without changing what the run computes (or that only extend
 # it: train.epochs may grow).
 RESUMABLE_KEYS = {"out_dir", "train.epochs", "train.device", "train.log_every",
-                  "train.checkpoint_every", "data.num_workers", "train.compile"}
+                  "train.checkpoint_every", "train.eval_every", "data.num_workers",
+                  "train.compile"}
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
