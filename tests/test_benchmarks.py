@@ -139,6 +139,7 @@ def test_stem_cost_counts_the_stem_s_multiply_adds(tmp_path: Path) -> None:
     assert result["1 per stage"]["stem_parameters"] < result["3 per stage"]["stem_parameters"]
 
 
+@pytest.mark.slow
 def test_small_data_quick_scores_raw_and_refined_maps(tmp_path: Path) -> None:
     pytest.importorskip("mlxtend")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--quick",
