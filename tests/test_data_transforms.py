@@ -219,6 +219,46 @@ def test_rotation_and_zoom_start_at_their_epochs(tmp_path, monkeypatch):
             load_config(None, [f"data.{key}=2", "data.persistent_workers=true"])
 
 
+def test_early_size_trains_on_smaller_images_first(tmp_path):
+    from torch import nn
+
+    from attnmaps.config import load_config
+    from attnmaps.data.synthetic import write_synthetic_voc
+    from attnmaps.engine.train import train
+    from attnmaps.models.vit import ConvStemPatchEmbed
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=4, size=(32, 32), seed=2)
+    cfg = load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                             "model.depth=1", "model.num_heads=2", "model.stem=conv",
+                             "train.batch_size=8", "train.epochs=3", "data.zoom=0.8,0.9",
+                             "data.early_size=16,24", "data.early_size_epochs=2",
+                             f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    def record(module, inputs):
+        if isinstance(module, ConvStemPatchEmbed):
+            seen.append((module.training, tuple(inputs[0].shape[-2:])))
+
+    per_epoch: list[list] = []
+    hook = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train(cfg, on_epoch=lambda epoch, metrics: per_epoch.append(list(seen)) or seen.clear())
+    finally:
+        hook.remove()
+    training = [[size for is_training, size in epoch if is_training] for epoch in per_epoch]
+    assert training == [[(16, 24)] * 2, [(16, 24)] * 2, [(32, 32)] * 2]  # two batches an epoch
+    evaluated = {size for epoch in per_epoch for is_training, size in epoch if not is_training}
+    assert evaluated == {(32, 32)}  # evaluation always at the full size
+    with pytest.raises(ValueError, match="go together"):
+        load_config(None, ["data.early_size=16,16"])
+    with pytest.raises(ValueError, match="multiples of model.patch_size=8"):
+        load_config(None, ["model.patch_size=8", "data.early_size=20,32",
+                           "data.early_size_epochs=2"])
+    with pytest.raises(ValueError, match="data.early_size_epochs.*persistent_workers"):
+        load_config(None, ["data.early_size=32,32", "data.early_size_epochs=2",
+                           "data.persistent_workers=true"])
+
+
 def test_set_geometry_reaches_a_wrapped_dataset():
     from attnmaps.data.transforms import Augment, set_geometry
 
@@ -231,4 +271,8 @@ def test_set_geometry_reaches_a_wrapped_dataset():
     assert set_geometry(Wrapper(), 0.0, [0.8, 1.2])
     assert Inner.augment.rotate == 0.0 and Inner.augment.zoom == (0.8, 1.2)
     assert set_geometry(Wrapper(), 5.0, None) and Inner.augment.zoom is None
+    assert Inner.augment.size is None
+    assert set_geometry(Wrapper(), 5.0, None, [24, 16]) and Inner.augment.size == (24, 16)
+    image, mask = Inner.augment(np.zeros((32, 32, 3), np.float32), np.zeros((32, 32), np.uint8))
+    assert image.shape == (24, 16, 3) and mask.shape == (24, 16)
     assert not set_geometry(object(), 5.0, None)

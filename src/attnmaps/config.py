@@ -106,6 +106,11 @@ class DataConfig:
     # shrinks inside a void border; > 1: its centre enlarges), from epoch zoom_start_epoch on
     zoom: list[float] | None = field(default=None, metadata=_PAIR)
     zoom_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
+    # progressive resizing: training images are resized to early_size [H, W] (e.g. two thirds of
+    # the full size) for the first early_size_epochs epochs, then to their full size; cheaper
+    # steps while the classifier takes off (the position embeddings are resampled to the grid)
+    early_size: list[int] | None = field(default=None, metadata=_PAIR)
+    early_size_epochs: int = field(default=0, metadata=_NON_NEGATIVE)
     color_jitter: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
     has_background: bool | None = None
     label_map: list[int] | None = None
@@ -482,7 +487,8 @@ def _validate(cfg: Config) -> None:
     if not 0.0 < cfg.pretrain.mask_ratio < 1.0:
         raise ConfigError(f"Config key 'pretrain.mask_ratio' is {cfg.pretrain.mask_ratio}; expected "
                          "a fraction of the patches in (0, 1), e.g. 0.6")
-    for key in ("rotate_start_epoch", "zoom_start_epoch"):
+    check_early_size(cfg)
+    for key in ("rotate_start_epoch", "zoom_start_epoch", "early_size_epochs"):
         if getattr(cfg.data, key) and cfg.data.persistent_workers:
             raise ConfigError(f"Config key 'data.{key}' is {getattr(cfg.data, key)}; persistent "
                               "loader workers (data.persistent_workers=true) would keep the "
@@ -510,6 +516,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'pseudo.tta_scales' is {scales}; expected one or more "
                          "positive scales, e.g. [0.75, 1.0, 1.25]")
     _validate_segment(cfg.segment)
+
+
+def check_early_size(cfg: Config) -> None:
+    """``data.early_size`` and ``data.early_size_epochs`` come together, and the early size
+    divides into patches."""
+    size, epochs, patch = cfg.data.early_size, cfg.data.early_size_epochs, cfg.model.patch_size
+    if (size is None) != (epochs == 0):
+        raise ConfigError(f"Config keys 'data.early_size'={size} and 'data.early_size_epochs'="
+                         f"{epochs} go together: set both (e.g. [64, 64] and 20) or neither")
+    if size is not None and (min(size) < patch or any(s % patch for s in size)):
+        raise ConfigError(f"Config key 'data.early_size' is {size}; expected [H, W] that are "
+                         f"multiples of model.patch_size={patch}")
 
 
 def _validate_segment(seg: SegmentConfig) -> None:

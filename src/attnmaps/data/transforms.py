@@ -176,21 +176,28 @@ class Augment:
         return adjust_color(image, _uniform(low, high), _uniform(low, high), _uniform(low, high))
 
 
-def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | None) -> bool:
-    """Set the maximum rotation and the zoom range of the :class:`Augment` of ``dataset`` (or of
-    the dataset it wraps, through ``.dataset``); False when there is none."""
+def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | None,
+                 size: tuple[int, int] | None = None) -> bool:
+    """Set the maximum rotation, the zoom range and the output size (``None``: the input's) of
+    the :class:`Augment` of ``dataset`` (or of the dataset it wraps, through ``.dataset``);
+    False when there is none."""
     while dataset is not None:
         augment = getattr(dataset, "augment", None)
         if isinstance(augment, Augment):
             augment.rotate = float(rotate)
             augment.zoom = None if zoom is None else (float(zoom[0]), float(zoom[1]))
+            augment.size = None if size is None else (int(size[0]), int(size[1]))
             return True
         dataset = getattr(dataset, "dataset", None)
     return False
 
 
 def set_geometry_at_epoch(dataset: object, cfg: DataConfig, epoch: int) -> bool:
-    """:func:`set_geometry` with the rotation and zoom of ``cfg`` as they stand at ``epoch``:
-    off before ``cfg.rotate_start_epoch`` / ``cfg.zoom_start_epoch`` (the curriculum)."""
+    """:func:`set_geometry` with the rotation, zoom and size of ``cfg`` as they stand at
+    ``epoch``: rotation and zoom off before ``cfg.rotate_start_epoch`` / ``cfg.zoom_start_epoch``
+    (the curriculum), images at ``cfg.early_size`` before ``cfg.early_size_epochs`` and at
+    ``cfg.image_size`` from then on (progressive resizing)."""
+    early = cfg.early_size is not None and epoch < cfg.early_size_epochs
     return set_geometry(dataset, cfg.rotate if epoch >= cfg.rotate_start_epoch else 0.0,
-                        cfg.zoom if epoch >= cfg.zoom_start_epoch else None)
+                        cfg.zoom if epoch >= cfg.zoom_start_epoch else None,
+                        cfg.early_size if early else cfg.image_size)

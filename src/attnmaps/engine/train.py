@@ -418,7 +418,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     cfg = run.cfg
     run.train_step.train()
     run.sampler.set_epoch(epoch)
-    if cfg.data.rotate_start_epoch or cfg.data.zoom_start_epoch:  # workers copy it at iter()
+    if (cfg.data.rotate_start_epoch or cfg.data.zoom_start_epoch
+            or cfg.data.early_size_epochs):  # workers copy the dataset at iter()
         set_geometry_at_epoch(run.loader.dataset, cfg.data, epoch)
     skip, run.skip_batches = run.skip_batches, 0
     loader = run.loader if not skip else make_loader(
