@@ -191,8 +191,53 @@ def test_raw_map_ceiling_oracle(tmp_path: Path) -> None:
     assert torch.equal(shares, torch.tensor([[[[0.75, 0.0], [0.0, 0.0]],
                                               [[0.0, 0.25], [0.0, 1.0]]]]))
     report = run_benchmark("raw_map_ceiling", ["--patch-sizes", "1,8"], tmp_path)
-    assert report["best_by_patch"]["1"] == 1.0  # pixel-sized patches: the masks themselves
-    assert 0.0 < report["best_by_patch"]["8"] < 1.0
+    assert report["best"]["oracle, patch 1"] == 1.0  # pixel-sized patches: the masks themselves
+    assert 0.0 < report["best"]["oracle, patch 8"] < 1.0
+
+
+def test_raw_map_error_shares_by_hand() -> None:
+    raw_map_ceiling = import_benchmark("raw_map_ceiling")
+    import torch
+
+    confusion = torch.tensor([[50, 6, 4],   # truth background: 10 pixels given to objects
+                              [8, 10, 2],   # truth class 1: 8 lost to background, 2 to class 2
+                              [2, 0, 18]])  # truth class 2: 2 lost to background
+    shares = raw_map_ceiling.error_shares(confusion)  # 40 object predictions, 28 correct
+    assert shares == pytest.approx({"predicted_object_on_background": 10 / 40,
+                                    "predicted_object_on_other_class": 2 / 40,
+                                    "true_object_as_background": 10 / 40,
+                                    "true_object_as_other_class": 2 / 40})
+
+
+def test_raw_map_scores_of_a_run_match_the_evaluator(tmp_path: Path) -> None:
+    raw_map_ceiling = import_benchmark("raw_map_ceiling")
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from attnmaps.config import load_config
+    from attnmaps.data.registry import build_dataset
+    from attnmaps.data.synthetic import write_synthetic_voc
+    from attnmaps.engine.evaluate import eval_options, evaluate
+    from attnmaps.engine.train import train
+    from attnmaps.pipeline import load_run
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=8, size=(32, 32), seed=3)
+    run = tmp_path / "run"
+    train(load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                             "model.depth=1", "model.num_heads=2", "model.patch_head=true",
+                             "pseudo.maps=fused", "pseudo.merge=weighted", "train.epochs=1",
+                             "train.batch_size=8", "pseudo.tta_scales=[1.0,0.75]",
+                             f"data.root={root}", f"out_dir={run}"]))
+    cfg, model = load_run(run)
+    dataset = build_dataset(cfg.data, "val", train=False)
+    scores = raw_map_ceiling.run_scores(run, DataLoader(dataset, batch_size=3),
+                                        dataset.num_classes)
+    for threshold in (0.2, 0.4):
+        settings = replace(cfg.pseudo, refine_iterations=0, threshold=threshold)
+        expected = evaluate(model, dataset, settings, **eval_options(cfg))["miou_true_labels"]
+        assert scores["miou_by_threshold"][threshold] == pytest.approx(expected, abs=1e-6)
+    assert scores["best_threshold"] in raw_map_ceiling.THRESHOLDS
 
 
 def test_cnn_probe_residual_network() -> None:
