@@ -24,5 +24,9 @@ class CheckpointError(AttnmapsError, ValueError):
     """A checkpoint that is missing, damaged, or does not fit the model or the run."""
 
 
+class RunInUse(AttnmapsError, RuntimeError):
+    """Another process is training into the same run directory."""
+
+
 class TrainingDiverged(AttnmapsError, FloatingPointError):
     """The loss or the weights became NaN/inf; the last good checkpoint is kept."""

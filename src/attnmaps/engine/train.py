@@ -38,6 +38,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -90,6 +91,7 @@ from .resume import (
     keep_previous_config,
     truncate_log,
 )
+from .run_lock import run_lock
 
 EpochCallback = Callable[[int, dict], None]
 SetupFn = Callable[["Config", "DistContext", bool, bool], "Run"]
@@ -285,7 +287,7 @@ def train(cfg: Config, resume: bool = False, on_epoch: EpochCallback | None = No
     """
     ctx = init_distributed(resolve_device(cfg.train.device))
     try:
-        with StopRequest() as stop:
+        with run_lock(cfg.out_dir) if ctx.is_main else nullcontext(), StopRequest() as stop:
             run = (setup_fn or setup)(cfg, ctx, resume, allow_changes)
             run.stop = stop
             metrics: dict = {}
