@@ -74,9 +74,13 @@ VARIANTS = {
     "three convs per stem stage, 45 epochs": ["model.stem_convs_per_stage=3", "train.epochs=45"],
     "three convs per stem stage, 64 px for 24 epochs": ["model.stem_convs_per_stage=3",
                                                         "data.early_size=[64,64]",
-                                                        "data.early_size_epochs=24"],
-    "64 px for 20 epochs, 50 epochs": ["data.early_size=[64,64]", "data.early_size_epochs=20",
-                                       "train.epochs=50"],
+                                                        "data.early_size_epochs=24",
+                                                        "train.epochs=40"],
+    "no progressive resizing (40 epochs at 96 px)": ["data.early_size=null",
+                                                     "data.early_size_epochs=0",
+                                                     "train.epochs=40"],
+    "64 px for 25 epochs, 55 epochs": ["data.early_size=[64,64]", "data.early_size_epochs=25",
+                                       "train.epochs=55"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],
@@ -88,7 +92,8 @@ KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
         "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")
 QUICK = {"num_train": 48, "num_tune": 16, "num_val": 16, "size": 32,
          "overrides": ["model.img_size=32,32", "train.epochs=1", "train.batch_size=16",
-                       "train.warmup_epochs=0.5"], "pamr": 2,
+                       "train.warmup_epochs=0.5", "data.early_size=null",
+                       "data.early_size_epochs=0"], "pamr": 2,
          "variants": ["recipe", "no prior bias", "merge by probability"]}
 
 
