@@ -1,13 +1,15 @@
 """Cost of the convolutional stem's depth: one training step of a config's model (its objective:
 BCE, gates, patch head, PatchDropout) with ``model.stem_convs_per_stage`` = 1, 2 and 3, timed
 side by side (interleaved rounds), plus the stem's and the linear layers' multiply-adds per image;
-depths 2 and 3 also with the stem in the contiguous memory format (the default is channels-last).
+depths 2 and 3 also with the stem in the contiguous memory format (the default is channels-last)
+and on the smaller images of progressive resizing (``--early-size``, default 64 px).
 
 Reported: seconds per step (median), each depth's time as a ratio to depth 2 (the default; median
 of the per-round ratios), multiply-adds and stem parameters. Writes ``--out`` (JSON).
 
     python benchmarks/stem_cost.py                      # configs/digits.yaml, batch 32, 1 thread
     python benchmarks/stem_cost.py --quick              # a few rounds
+    python benchmarks/stem_cost.py --early-size 48      # the small-image steps at 48 x 48
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 rounds after 1 warm-up")
+    parser.add_argument("--early-size", type=int, default=64,
+                        help="side of the small images of progressive resizing (data.early_size)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/stem_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,22 +68,28 @@ def main() -> None:
     steps, counts, params = {}, {}, {}
     torch.manual_seed(0)
     base = load_config(args.config)
-    size = base.model.img_size
-    batch = {"image": torch.randn(args.batch_size, base.model.in_chans, *size),
-             "labels": (torch.rand(args.batch_size, num_classes) < 0.2).float()}
-    variants = [(depth, True) for depth in DEPTHS] + [(d, False) for d in CONTIGUOUS_DEPTHS]
-    for depth, channels_last in variants:
+    full = tuple(base.model.img_size)
+    small = (args.early_size, args.early_size)
+    labels = (torch.rand(args.batch_size, num_classes) < 0.2).float()
+    images = {size: torch.randn(args.batch_size, base.model.in_chans, *size)
+              for size in (full, small)}
+    variants = ([(depth, True, full) for depth in DEPTHS]
+                + [(depth, False, full) for depth in CONTIGUOUS_DEPTHS]
+                + [(depth, True, small) for depth in CONTIGUOUS_DEPTHS])
+    for depth, channels_last, size in variants:
         cfg = load_config(args.config, [f"model.stem_convs_per_stage={depth}"])
         model = create_model(cfg.model, num_classes)
         model.patch_embed.channels_last = channels_last
-        name = f"{depth} per stage" + ("" if channels_last else ", contiguous")
-        counts[name] = multiply_adds(model, batch["image"][:1])
+        name = (f"{depth} per stage" + ("" if channels_last else ", contiguous")
+                + ("" if size == full else f", {size[0]}x{size[1]} images"))
+        counts[name] = multiply_adds(model, images[size][:1])
         params[name] = sum(p.numel() for p in model.patch_embed.parameters())
         objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
                                   has_background=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batch = {"image": images[size], "labels": labels}
 
-        def step(model=model, objective=objective, optimizer=optimizer) -> None:
+        def step(model=model, objective=objective, optimizer=optimizer, batch=batch) -> None:
             model.train()
             loss = objective(model, batch, device)["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -104,6 +114,7 @@ def main() -> None:
     print_table(["stem convolutions", "s/step", "× depth 2", "stem MACs (M)", "linear MACs (M)",
                  "stem params"], rows)
     write_json(args.out, {"config": str(args.config), "batch_size": args.batch_size,
+                          "image_size": list(full), "early_size": list(small),
                           "repeats": repeats, "environment": environment(device),
                           "results": results})
 

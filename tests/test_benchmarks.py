@@ -137,6 +137,9 @@ def test_stem_cost_counts_the_stem_s_multiply_adds(tmp_path: Path) -> None:
     assert result["3 per stage, contiguous"]["stem_multiply_adds_M"] == pytest.approx(
         result["3 per stage"]["stem_multiply_adds_M"])
     assert result["1 per stage"]["stem_parameters"] < result["3 per stage"]["stem_parameters"]
+    for depth in (2, 3):  # 64 x 64 images: every feature map (2/3)^2 the size of the 96 px one
+        assert result[f"{depth} per stage, 64x64 images"]["stem_multiply_adds_M"] == pytest.approx(
+            result[f"{depth} per stage"]["stem_multiply_adds_M"] * 4 / 9)
 
 
 @pytest.mark.slow
