@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=47)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = load_config(CONFIG, [f"data.root={args.data}"])
+    cfg = load_config(CONFIG, [f"data.root={args.data}", "data.early_size_epochs=0"])
     train_set = build_dataset(cfg.data, "train", train=True)
     tune_set = build_dataset(cfg.data, "tune", train=False)
     if args.arch == "stem":

@@ -122,7 +122,9 @@ def main() -> None:
         if args.quick:
             root = write_synthetic_voc(Path(tmp), num_train=1, num_val=16)
             overrides += ["data.name=voc", f"data.root={root}"]
-        config = args.run / "config.yaml" if args.run and not args.config else args.config
+        if args.run is not None and args.config is not None:
+            raise SystemExit("--run reads the run's own config.yaml; leave out --config")
+        config = args.run / "config.yaml" if args.run is not None else args.config
         cfg = load_config(config, overrides)
         dataset = build_dataset(cfg.data, args.split, train=False)
         if not dataset.has_background:
@@ -137,7 +139,7 @@ def main() -> None:
                           *[f"{row['errors_at_best'][k]:.2f}" for k in ERROR_COLUMNS]]
                          for name, row in table.items()])
     measure.write_json(args.out, {
-        "config": {**vars(args), "config": str(args.config), "out": str(args.out),
+        "config": {**vars(args), "config": str(config), "out": str(args.out),
                    "run": str(args.run)},
         "split": args.split, "num_images": len(dataset), "merge": cfg.pseudo.merge,
         "by_maps": {name: {**row, "miou_by_threshold": {str(t): v for t, v in

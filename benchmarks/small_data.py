@@ -35,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import yaml
 from _variants import summarise
 
 from attnmaps.config import PseudoMaskConfig, load_config
@@ -42,11 +43,14 @@ from attnmaps.data.cutout_scenes import digit_cutouts, write_cutout_voc
 from attnmaps.data.registry import build_dataset
 from attnmaps.demo import floor_miou
 from attnmaps.engine.evaluate import eval_options, evaluate
+from attnmaps.engine.resume import config_differences
 from attnmaps.engine.train import train
 from attnmaps.pipeline import load_run
 
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "attnmaps" / "configs" / "digits.yaml"
 PAMR_ITERATIONS = 40
+# The ninth and tenth rounds' schedule: 40 epochs at full size (no progressive resizing).
+AT_96_PX_FOR_40 = ["data.early_size_epochs=0", "train.epochs=40"]
 # The levers, each switched off (or on) against the recipe in digits.yaml.
 VARIANTS = {
     "recipe": [],
@@ -67,20 +71,18 @@ VARIANTS = {
     "rotation from epoch 0": ["data.rotate_start_epoch=0"],
     "no zoom": ["data.zoom=null"],
     "mixup instead of zoom": ["train.mix=mixup", "data.zoom=null"],
-    "one conv per stem stage": ["model.stem_convs_per_stage=1"],
-    "three convs per stem stage": ["model.stem_convs_per_stage=3"],
-    "three convs per stem stage, 30 epochs": ["model.stem_convs_per_stage=3", "train.epochs=30"],
+    "one conv per stem stage": ["model.stem_convs_per_stage=1", *AT_96_PX_FOR_40],
+    "three convs per stem stage": ["model.stem_convs_per_stage=3", *AT_96_PX_FOR_40],
+    "three convs per stem stage, 30 epochs": ["model.stem_convs_per_stage=3", "train.epochs=30",
+                                              "data.early_size_epochs=0"],
     "zoom and mixup": ["train.mix=mixup"],
-    "three convs per stem stage, 45 epochs": ["model.stem_convs_per_stage=3", "train.epochs=45"],
+    "three convs per stem stage, 45 epochs": ["model.stem_convs_per_stage=3", "train.epochs=45",
+                                              "data.early_size_epochs=0"],
     "three convs per stem stage, 64 px for 24 epochs": ["model.stem_convs_per_stage=3",
-                                                        "data.early_size=[64,64]",
                                                         "data.early_size_epochs=24",
                                                         "train.epochs=40"],
-    "no progressive resizing (40 epochs at 96 px)": ["data.early_size=null",
-                                                     "data.early_size_epochs=0",
-                                                     "train.epochs=40"],
-    "64 px for 25 epochs, 55 epochs": ["data.early_size=[64,64]", "data.early_size_epochs=25",
-                                       "train.epochs=55"],
+    "no progressive resizing (40 epochs at 96 px)": AT_96_PX_FOR_40,
+    "64 px for 25 epochs, 55 epochs": ["data.early_size_epochs=25", "train.epochs=55"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],
@@ -92,8 +94,7 @@ KEYS = ("map", "raw_miou", "raw_miou_true_labels", "miou", "miou_true_labels",
         "class_map_correlation", "head_sparsity", "train_seconds", "train_cpu_seconds")
 QUICK = {"num_train": 48, "num_tune": 16, "num_val": 16, "size": 32,
          "overrides": ["model.img_size=32,32", "train.epochs=1", "train.batch_size=16",
-                       "train.warmup_epochs=0.5", "data.early_size=null",
-                       "data.early_size_epochs=0"], "pamr": 2,
+                       "train.warmup_epochs=0.5", "data.early_size_epochs=0"], "pamr": 2,
          "variants": ["recipe", "no prior bias", "merge by probability"]}
 
 
@@ -131,19 +132,29 @@ def trained_run(out: Path, name: str, seed: int) -> Path:
 
 def train_one(out: Path, data: Path, shared: list[str], name: str, seed: int) -> Path:
     """Train the network ``name`` is scored on, with the ``shared`` overrides too (or read it
-    back; an interrupted training resumes); its wall-clock and process CPU seconds go to
-    ``timing.json``."""
+    back, if its stored config is the one asked for; an interrupted training resumes); its
+    wall-clock and process CPU seconds go to ``timing.json``."""
     run = trained_run(out, name, seed)
     timing = run / "timing.json"
-    if not timing.is_file():
-        training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
-        cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
-                                   "data.val_split=tune", "pseudo.refine_iterations=0",
-                                   *training, *shared])
-        wall, cpu = time.time(), time.process_time()
-        train(cfg, resume=(run / "last.safetensors").exists())
-        timing.write_text(json.dumps({"train_seconds": time.time() - wall,
-                                      "train_cpu_seconds": time.process_time() - cpu}))
+    training = [item for item in VARIANTS[name] if not item.startswith("pseudo.")]
+    cfg = load_config(CONFIG, [f"data.root={data}", f"out_dir={run}", f"train.seed={seed}",
+                               "data.val_split=tune", "pseudo.refine_iterations=0",
+                               *training, *shared])
+    if timing.is_file():
+        stored = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        changed = config_differences(stored, cfg)  # all but the cadence keys and epochs
+        epochs = stored.get("train", {}).get("epochs")
+        if epochs != cfg.train.epochs:
+            changed["train.epochs"] = (epochs, cfg.train.epochs)
+        if changed:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise SystemExit(f"{run} was trained with other settings than variant {name!r} asks "
+                             f"for now ({listed}); move it away or choose another --out")
+        return run
+    wall, cpu = time.time(), time.process_time()
+    train(cfg, resume=(run / "last.safetensors").exists())
+    timing.write_text(json.dumps({"train_seconds": time.time() - wall,
+                                  "train_cpu_seconds": time.process_time() - cpu}))
     return run
 
 

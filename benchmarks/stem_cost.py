@@ -70,6 +70,9 @@ def main() -> None:
     base = load_config(args.config)
     full = tuple(base.model.img_size)
     small = (args.early_size, args.early_size)
+    if small == full or args.early_size % base.model.patch_size:
+        raise SystemExit(f"--early-size {args.early_size}: expected a side other than the full "
+                         f"{full} and a multiple of the patch size {base.model.patch_size}")
     labels = (torch.rand(args.batch_size, num_classes) < 0.2).float()
     images = {size: torch.randn(args.batch_size, base.model.in_chans, *size)
               for size in (full, small)}

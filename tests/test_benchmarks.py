@@ -185,6 +185,24 @@ def test_small_data_variants_are_valid_configs(tmp_path: Path) -> None:
     assert configs["no patch head"].pseudo.maps == "attention"
 
 
+def test_small_data_refuses_a_finished_run_trained_with_other_settings(tmp_path: Path) -> None:
+    small_data = import_benchmark("small_data")
+    from attnmaps.config import load_config, save_config
+
+    run, data = tmp_path / "recipe_seed0", tmp_path / "data"
+    run.mkdir()
+    (run / "timing.json").write_text("{}")
+    overrides = [f"data.root={data}", f"out_dir={run}", "train.seed=0", "data.val_split=tune",
+                 "pseudo.refine_iterations=0"]
+    save_config(load_config(small_data.CONFIG, overrides), run / "config.yaml")
+    assert small_data.train_one(tmp_path, data, [], "recipe", 0) == run  # the same: read back
+    save_config(load_config(small_data.CONFIG, [*overrides, "train.epochs=40",
+                                                "data.early_size_epochs=0"]),
+                run / "config.yaml")  # the tenth round's recipe
+    with pytest.raises(SystemExit, match="early_size_epochs: 0 -> 20.*train.epochs: 40 -> 50"):
+        small_data.train_one(tmp_path, data, [], "recipe", 0)
+
+
 def test_raw_map_ceiling_oracle(tmp_path: Path) -> None:
     raw_map_ceiling = import_benchmark("raw_map_ceiling")
     import torch

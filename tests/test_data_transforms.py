@@ -249,8 +249,9 @@ def test_early_size_trains_on_smaller_images_first(tmp_path):
     assert training == [[(16, 24)] * 2, [(16, 24)] * 2, [(32, 32)] * 2]  # two batches an epoch
     evaluated = {size for epoch in per_epoch for is_training, size in epoch if not is_training}
     assert evaluated == {(32, 32)}  # evaluation always at the full size
-    with pytest.raises(ValueError, match="go together"):
-        load_config(None, ["data.early_size=16,16"])
+    with pytest.raises(ValueError, match="'data.early_size_epochs' is 2 but 'data.early_size'"):
+        load_config(None, ["data.early_size_epochs=2"])
+    assert load_config(None, ["data.early_size=16,16"]).data.early_size_epochs == 0  # off
     with pytest.raises(ValueError, match="multiples of model.patch_size=8"):
         load_config(None, ["model.patch_size=8", "data.early_size=20,32",
                            "data.early_size_epochs=2"])
@@ -271,8 +272,18 @@ def test_set_geometry_reaches_a_wrapped_dataset():
     assert set_geometry(Wrapper(), 0.0, [0.8, 1.2])
     assert Inner.augment.rotate == 0.0 and Inner.augment.zoom == (0.8, 1.2)
     assert set_geometry(Wrapper(), 5.0, None) and Inner.augment.zoom is None
-    assert Inner.augment.size is None
-    assert set_geometry(Wrapper(), 5.0, None, [24, 16]) and Inner.augment.size == (24, 16)
-    image, mask = Inner.augment(np.zeros((32, 32, 3), np.float32), np.zeros((32, 32), np.uint8))
-    assert image.shape == (24, 16, 3) and mask.shape == (24, 16)
+    assert not set_geometry(object(), 5.0, None)
+
+
+def test_set_geometry_sets_the_early_size_and_restores_the_constructed_one():
+    from attnmaps.data.transforms import Augment, set_geometry
+
+    class Data:
+        augment = Augment(size=(40, 40))
+
+    image, mask = np.zeros((32, 32, 3), np.float32), np.zeros((32, 32), np.uint8)
+    assert set_geometry(Data(), 0.0, None, [24, 16]) and Data.augment.size == (24, 16)
+    assert [a.shape for a in Data.augment(image, mask)] == [(24, 16, 3), (24, 16)]
+    assert set_geometry(Data(), 0.0, None)  # no early size: back to the constructed (40, 40)
+    assert [a.shape for a in Data.augment(image, mask)] == [(40, 40, 3), (40, 40)]
     assert not set_geometry(object(), 5.0, None)

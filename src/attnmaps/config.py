@@ -107,8 +107,8 @@ class DataConfig:
     zoom: list[float] | None = field(default=None, metadata=_PAIR)
     zoom_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
     # progressive resizing: training images are resized to early_size [H, W] (e.g. two thirds of
-    # the full size) for the first early_size_epochs epochs, then to their full size; cheaper
-    # steps while the classifier takes off (the position embeddings are resampled to the grid)
+    # the full size) for the first early_size_epochs epochs (0: off), then trained at full size;
+    # cheaper steps while the classifier takes off (position embeddings resampled to the grid)
     early_size: list[int] | None = field(default=None, metadata=_PAIR)
     early_size_epochs: int = field(default=0, metadata=_NON_NEGATIVE)
     color_jitter: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
@@ -519,13 +519,14 @@ def _validate(cfg: Config) -> None:
 
 
 def check_early_size(cfg: Config) -> None:
-    """``data.early_size`` and ``data.early_size_epochs`` come together, and the early size
-    divides into patches."""
+    """``data.early_size_epochs`` > 0 needs ``data.early_size`` (0 turns progressive resizing
+    off), and the early size divides into patches."""
     size, epochs, patch = cfg.data.early_size, cfg.data.early_size_epochs, cfg.model.patch_size
-    if (size is None) != (epochs == 0):
-        raise ConfigError(f"Config keys 'data.early_size'={size} and 'data.early_size_epochs'="
-                         f"{epochs} go together: set both (e.g. [64, 64] and 20) or neither")
-    if size is not None and (min(size) < patch or any(s % patch for s in size)):
+    if epochs and size is None:
+        raise ConfigError(f"Config key 'data.early_size_epochs' is {epochs} but 'data.early_size' "
+                         "is not set: give the small training size, e.g. data.early_size=[64,64], "
+                         "or set data.early_size_epochs=0")
+    if epochs and (min(size) < patch or any(s % patch for s in size)):
         raise ConfigError(f"Config key 'data.early_size' is {size}; expected [H, W] that are "
                          f"multiples of model.patch_size={patch}")
 

@@ -13,7 +13,8 @@ DataLoader seeds differently in each worker.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -129,10 +130,12 @@ class Augment:
     hflip: bool = False
     color_jitter: float = 0.0
     zoom: tuple[float, float] | None = None
+    base_size: tuple[int, int] | None = field(init=False)  # ``size`` as constructed
 
     def __post_init__(self) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise ValueError(f"image_size must be (H, W) with positive sizes, got {self.size}")
+        self.base_size = self.size
         if self.crop_scale is not None:
             if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
                 raise ValueError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, "
@@ -177,16 +180,17 @@ class Augment:
 
 
 def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | None,
-                 size: tuple[int, int] | None = None) -> bool:
-    """Set the maximum rotation, the zoom range and the output size (``None``: the input's) of
-    the :class:`Augment` of ``dataset`` (or of the dataset it wraps, through ``.dataset``);
-    False when there is none."""
+                 early_size: Sequence[int] | None = None) -> bool:
+    """Set the maximum rotation and the zoom range of the :class:`Augment` of ``dataset`` (or
+    of the dataset it wraps, through ``.dataset``), and its output size: ``early_size`` when
+    given, else the size it was constructed with; False when there is none."""
     while dataset is not None:
         augment = getattr(dataset, "augment", None)
         if isinstance(augment, Augment):
             augment.rotate = float(rotate)
             augment.zoom = None if zoom is None else (float(zoom[0]), float(zoom[1]))
-            augment.size = None if size is None else (int(size[0]), int(size[1]))
+            augment.size = (augment.base_size if early_size is None
+                            else (int(early_size[0]), int(early_size[1])))
             return True
         dataset = getattr(dataset, "dataset", None)
     return False
@@ -195,9 +199,9 @@ def set_geometry(dataset: object, rotate: float, zoom: tuple[float, float] | Non
 def set_geometry_at_epoch(dataset: object, cfg: DataConfig, epoch: int) -> bool:
     """:func:`set_geometry` with the rotation, zoom and size of ``cfg`` as they stand at
     ``epoch``: rotation and zoom off before ``cfg.rotate_start_epoch`` / ``cfg.zoom_start_epoch``
-    (the curriculum), images at ``cfg.early_size`` before ``cfg.early_size_epochs`` and at
-    ``cfg.image_size`` from then on (progressive resizing)."""
+    (the curriculum), images at ``cfg.early_size`` before ``cfg.early_size_epochs`` and at their
+    configured size from then on (progressive resizing)."""
     early = cfg.early_size is not None and epoch < cfg.early_size_epochs
     return set_geometry(dataset, cfg.rotate if epoch >= cfg.rotate_start_epoch else 0.0,
                         cfg.zoom if epoch >= cfg.zoom_start_epoch else None,
-                        cfg.early_size if early else cfg.image_size)
+                        cfg.early_size if early else None)
