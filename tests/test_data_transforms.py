@@ -188,18 +188,25 @@ def test_dataset_augmentation_keeps_alignment(tmp_path):
     assert torch.equal(evaluation[0]["mask"], torch.tensor(resize_mask(mask, (24, 24))).long())
 
 
+def curriculum_config(tmp_path, *overrides: str):
+    """A 3-epoch run of a tiny conv-stem ViT on 16 written 32x32 images (batches of 8)."""
+    from attnmaps.config import load_config
+    from attnmaps.data.synthetic import write_synthetic_voc
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=4, size=(32, 32), seed=2)
+    return load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                              "model.depth=1", "model.num_heads=2", "model.stem=conv",
+                              "train.batch_size=8", "train.epochs=3", *overrides,
+                              f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
+
+
 def test_rotation_and_zoom_start_at_their_epochs(tmp_path, monkeypatch):
     from attnmaps.config import load_config
     from attnmaps.data import transforms
-    from attnmaps.data.synthetic import write_synthetic_voc
     from attnmaps.engine.train import train
 
-    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=4, size=(32, 32), seed=2)
-    cfg = load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
-                             "model.depth=1", "model.num_heads=2", "train.batch_size=8",
-                             "train.epochs=3", "data.rotate=10", "data.rotate_start_epoch=2",
-                             "data.zoom=0.8,0.9", "data.zoom_start_epoch=1",
-                             f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
+    cfg = curriculum_config(tmp_path, "data.rotate=10", "data.rotate_start_epoch=2",
+                            "data.zoom=0.8,0.9", "data.zoom_start_epoch=1")
     calls: list[tuple[float, float]] = []
     affine_pair = transforms.affine_pair
 
@@ -223,16 +230,11 @@ def test_early_size_trains_on_smaller_images_first(tmp_path):
     from torch import nn
 
     from attnmaps.config import load_config
-    from attnmaps.data.synthetic import write_synthetic_voc
     from attnmaps.engine.train import train
     from attnmaps.models.vit import ConvStemPatchEmbed
 
-    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=4, size=(32, 32), seed=2)
-    cfg = load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
-                             "model.depth=1", "model.num_heads=2", "model.stem=conv",
-                             "train.batch_size=8", "train.epochs=3", "data.zoom=0.8,0.9",
-                             "data.early_size=16,24", "data.early_size_epochs=2",
-                             f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
+    cfg = curriculum_config(tmp_path, "data.zoom=0.8,0.9", "data.early_size=16,24",
+                            "data.early_size_epochs=2")
     seen: list[tuple[bool, tuple[int, ...]]] = []
 
     def record(module, inputs):
