@@ -107,14 +107,15 @@ def run_scores(run: Path, loader: DataLoader, num_classes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=None)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--split", default="val")
     parser.add_argument("--patch-sizes", default="4,8,16")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/raw_map_ceiling.json"))
     parser.add_argument("--quick", action="store_true",
                         help="a written synthetic set of 16 validation images (64 px)")
-    parser.add_argument("--run", type=Path, default=None,
+    source.add_argument("--run", type=Path, default=None,
                         help="also score this trained run's raw maps (and read its config)")
     args = parser.parse_args()
     overrides = list(args.set)
@@ -122,8 +123,6 @@ def main() -> None:
         if args.quick:
             root = write_synthetic_voc(Path(tmp), num_train=1, num_val=16)
             overrides += ["data.name=voc", f"data.root={root}"]
-        if args.run is not None and args.config is not None:
-            raise SystemExit("--run reads the run's own config.yaml; leave out --config")
         config = args.run / "config.yaml" if args.run is not None else args.config
         cfg = load_config(config, overrides)
         dataset = build_dataset(cfg.data, args.split, train=False)

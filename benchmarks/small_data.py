@@ -43,7 +43,7 @@ from attnmaps.data.cutout_scenes import digit_cutouts, write_cutout_voc
 from attnmaps.data.registry import build_dataset
 from attnmaps.demo import floor_miou
 from attnmaps.engine.evaluate import eval_options, evaluate
-from attnmaps.engine.resume import config_differences
+from attnmaps.engine.resume import config_differences, describe_differences
 from attnmaps.engine.train import train
 from attnmaps.pipeline import load_run
 
@@ -147,9 +147,9 @@ def train_one(out: Path, data: Path, shared: list[str], name: str, seed: int) ->
         if epochs != cfg.train.epochs:
             changed["train.epochs"] = (epochs, cfg.train.epochs)
         if changed:
-            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
             raise SystemExit(f"{run} was trained with other settings than variant {name!r} asks "
-                             f"for now ({listed}); move it away or choose another --out")
+                             f"for now ({describe_differences(changed)}); move it away or "
+                             "choose another --out")
         return run
     wall, cpu = time.time(), time.process_time()
     train(cfg, resume=(run / "last.safetensors").exists())

@@ -288,4 +288,3 @@ def test_set_geometry_sets_the_early_size_and_restores_the_constructed_one():
     assert [a.shape for a in Data.augment(image, mask)] == [(24, 16, 3), (24, 16)]
     assert set_geometry(Data(), 0.0, None)  # no early size: back to the constructed (40, 40)
     assert [a.shape for a in Data.augment(image, mask)] == [(40, 40, 3), (40, 40)]
-    assert not set_geometry(object(), 5.0, None)

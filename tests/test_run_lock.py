@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def hold_in_another_process(run_dir: Path) -> subprocess.Popen:
 def test_the_lock_is_re_entrant_within_a_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     with run_lock(run_dir), run_lock(run_dir):  # a nested acquire by the holder succeeds
-        assert (run_dir / ".lock").read_text() == str(__import__("os").getpid())
+        assert (run_dir / ".lock").read_text() == str(os.getpid())
     assert not run_lock_module._held
 
 

@@ -47,6 +47,11 @@ def config_differences(stored: Mapping[str, Any], cfg: Config) -> dict[str, tupl
             if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)}
 
 
+def describe_differences(changed: Mapping[str, tuple[Any, Any]]) -> str:
+    """``key: old -> new; ...`` for the differences :func:`config_differences` returns."""
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+
+
 def check_resume_config(run_dir: Path, cfg: Config, allow_changes: bool) -> None:
     """Refuse to resume ``run_dir`` with settings that differ from its ``config.yaml`` (listed
     in the error) unless ``allow_changes``; ``train.epochs`` may grow but not shrink."""
@@ -60,8 +65,8 @@ def check_resume_config(run_dir: Path, cfg: Config, allow_changes: bool) -> None
                           f"{saved_epochs}; epochs may grow, not shrink")
     changed = config_differences(stored, cfg)
     if changed and not allow_changes:
-        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise ConfigError(f"--resume with settings that differ from {path}: {listed}. Resume "
+        raise ConfigError(f"--resume with settings that differ from {path}: "
+                          f"{describe_differences(changed)}. Resume "
                           "with the run's settings, or pass --allow-changes to continue with "
                           "the new ones (the old config is kept beside it)")
 

@@ -35,11 +35,11 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     :class:`RunInUse` if another process holds it. A path that is a file is left to the run's
     own checks."""
     run_dir = Path(run_dir)
-    if fcntl is None or run_dir.is_file() or run_dir.resolve() in _held:
+    key = run_dir.resolve()
+    if fcntl is None or run_dir.is_file() or key in _held:
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = run_dir.resolve()
     with open(run_dir / LOCK_NAME, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
