@@ -83,6 +83,8 @@ VARIANTS = {
                                                         "train.epochs=40"],
     "no progressive resizing (40 epochs at 96 px)": AT_96_PX_FOR_40,
     "64 px for 25 epochs, 55 epochs": ["data.early_size_epochs=25", "train.epochs=55"],
+    "48 px for 25 epochs, 55 epochs": ["data.early_size=48,48", "data.early_size_epochs=25",
+                                       "train.epochs=55"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],

@@ -165,6 +165,16 @@ class TrainConfig:
     map_decorrelation_pairs: str = field(default="all", metadata={"choices": ("all", "present")})
     # share of patch tokens dropped at random in each training step (PatchDropout; 0 = off)
     patch_dropout: float = field(default=0.0, metadata=_bounds(0, 1, open_high=True))
+    # self-training on the model's own refined maps (engine/self_training.py; 0 = off): weight of
+    # the patch head's dense BCE and of the class tokens' attention cross-entropy against the
+    # patch shares of the refined pseudo masks, from epoch self_train_start_epoch on, the maps
+    # refined by self_train_refine_iterations of PAMR at self_train_cell x self_train_cell pixels
+    # per patch
+    self_train_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    self_train_attention_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    self_train_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
+    self_train_refine_iterations: int = field(default=10, metadata=_NON_NEGATIVE)
+    self_train_cell: int = field(default=4, metadata=_COUNT)
 
 
 @dataclass
@@ -507,6 +517,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'train.patch_dropout' is {cfg.train.patch_dropout}, but "
                          f"{', '.join(used)} train on attention maps over all patches; set "
                          "train.patch_dropout=0 or turn those off")
+    if cfg.train.self_train_weight > 0 and not cfg.model.patch_head:
+        raise ConfigError(f"Config key 'train.self_train_weight' is {cfg.train.self_train_weight}, "
+                          "a loss on the patch head's scores, but model.patch_head is false; set "
+                          "model.patch_head=true or train.self_train_weight=0")
     if cfg.pseudo.maps == "fused" and not cfg.model.patch_head:
         raise ConfigError("Config key 'pseudo.maps' is 'fused', which weighs the attention by "
                           "the patch head's scores, but model.patch_head is false; set "

@@ -10,11 +10,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import TrainConfig
+from ..config import PseudoMaskConfig, TrainConfig
 from ..conventions import IGNORE_INDEX, min_max_normalize
 from ..losses import CAMALLoss
 from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
+from .self_training import attention_target_loss, dense_patch_bce, refined_patch_targets
 
 
 def map_similarity(maps: Tensor, labels: Tensor, pairs: str = "all") -> Tensor:
@@ -57,9 +58,15 @@ class WSSSObjective:
     It is the mean over all guided (image, class) maps of the global batch: under
     DistributedDataParallel each rank scales its sum by ``world_size / global count``, so that
     averaging the ranks' gradients gives that mean. Without masks in the batch it is exactly 0.
+    With ``self_train_weight`` or ``self_train_attention_weight`` > 0, from epoch
+    ``self_train_start_epoch`` on (:meth:`set_epoch`), the patch head's per-patch scores and the
+    class tokens' attention are trained towards the model's own refined pseudo masks, read out
+    with the ``pseudo`` settings (:mod:`~attnmaps.engine.self_training`; works with patch
+    dropout).
     """
 
-    def __init__(self, cfg: TrainConfig, attn_blocks: str | Sequence[int], has_background: bool):
+    def __init__(self, cfg: TrainConfig, attn_blocks: str | Sequence[int], has_background: bool,
+                 pseudo: PseudoMaskConfig | None = None):
         self.gate_lambda = cfg.gate_lambda
         self.patch_loss_weight = cfg.patch_loss_weight
         self.attention_pool_weight = cfg.attention_pool_weight
@@ -72,6 +79,23 @@ class WSSSObjective:
         self.attn_blocks = attn_blocks
         self.label_offset = 1 if has_background else 0
         self.guide = CAMALLoss(form=cfg.guide_form)
+        self.self_train_weight = cfg.self_train_weight
+        self.self_train_attention_weight = cfg.self_train_attention_weight
+        self.self_train_start_epoch = cfg.self_train_start_epoch
+        self.self_train_refine_iterations = cfg.self_train_refine_iterations
+        self.self_train_cell = cfg.self_train_cell
+        self.pseudo = pseudo or PseudoMaskConfig()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the objective which epoch the next steps belong to (self-training's start)."""
+        self.epoch = epoch
+
+    @property
+    def self_training(self) -> bool:
+        """Whether the self-training terms are on for the current epoch."""
+        weights = self.self_train_weight + self.self_train_attention_weight
+        return weights > 0 and self.epoch >= self.self_train_start_epoch
 
     def __call__(self, model: ClassTokenViT, batch: dict, device) -> dict[str, Tensor]:
         images, labels = batch["image"].to(device), batch["labels"].to(device)
@@ -79,7 +103,9 @@ class WSSSObjective:
         pooled = has_patch_head and self.attention_pool_weight > 0
         self_guided = has_patch_head and self.self_guide_weight > 0
         decorrelated = self.decorrelation_weight > 0
-        needs_maps = self.guided or pooled or self_guided or decorrelated
+        self_trained = self.self_training
+        attention_trained = self_trained and self.self_train_attention_weight > 0
+        needs_maps = self.guided or pooled or self_guided or decorrelated or attention_trained
         blocks = model.resolve_attn_blocks(self.attn_blocks) if needs_maps else []
         out = model.forward_features(images, labels, attn_blocks=blocks,
                                      patch_outputs=has_patch_head,
@@ -107,7 +133,29 @@ class WSSSObjective:
         if self.guided:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]
+        if self_trained:
+            parts.update(self.self_training_losses(model, images, labels, out, flat))
+            parts["loss"] = (parts["loss"] + self.self_train_weight * parts.get("self_train", 0.0)
+                             + self.self_train_attention_weight
+                             * parts.get("self_train_attention", 0.0))
         return parts
+
+    def self_training_losses(self, model: ClassTokenViT, images: Tensor, labels: Tensor,
+                             out: dict, flat: Tensor | None) -> dict[str, Tensor]:
+        """The self-training terms (:mod:`~attnmaps.engine.self_training`) on the patches the
+        forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention."""
+        targets = refined_patch_targets(model, images, labels, self.pseudo,
+                                        self.self_train_refine_iterations, self.attn_blocks,
+                                        self.label_offset == 1, self.self_train_cell)
+        if "kept" in out:
+            kept = out["kept"].unsqueeze(1).expand(-1, targets.shape[1], -1)
+            targets = targets.gather(2, kept)
+        terms = {}
+        if self.self_train_weight > 0:
+            terms["self_train"] = dense_patch_bce(model.patch_head_scores(out["patch"]), targets)
+        if self.self_train_attention_weight > 0:
+            terms["self_train_attention"] = attention_target_loss(flat, targets, labels > 0.5)
+        return terms
 
     def self_guide_loss(self, model: ClassTokenViT, patch: Tensor, maps: Tensor,
                         labels: Tensor) -> Tensor:

@@ -251,6 +251,7 @@ class Run:
     ema: ModelEMA | None = None  # weight average (train.ema_decay), evaluated and saved
     # data.mean / data.std as [C,1,1] on the device, for uint8 batches (data.normalize_on_device)
     pixel_stats: tuple[Tensor, Tensor] | None = None
+    objective: Objective | None = None  # told each epoch, when it has a ``set_epoch``
 
     @property
     def scored_model(self) -> nn.Module:
@@ -323,7 +324,7 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
         init_head_bias(model, label_frequencies(train_set))
     model = model.to(ctx.device)
     objective = WSSSObjective(cfg.train, model.resolve_attn_blocks(cfg.model.attn_blocks),
-                              train_set.has_background)
+                              train_set.has_background, cfg.pseudo)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas))
     if cfg.train.gate_lr_scale != 1.0 or cfg.train.gate_start_epoch > 0:
         scale_gate_lr(optimizer, cfg.train.gate_lr_scale)
@@ -355,7 +356,7 @@ def assemble_run(cfg: Config, ctx: DistContext, resume: bool, model: nn.Module,
     run = Run(cfg, ctx, run_dir, model, build_train_step(model, objective, cfg.train, ctx),
               optimizer, scheduler, loader, sampler, val_set,
               getattr(val_set, "class_names", None), batch_size, steps_per_epoch, 0, 0, metadata,
-              pixel_stats=pixel_stats(cfg.data, ctx.device))
+              pixel_stats=pixel_stats(cfg.data, ctx.device), objective=objective)
     if resume:
         restore_run(run, allow_changes)
     else:
@@ -420,6 +421,9 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     cfg = run.cfg
     run.train_step.train()
     run.sampler.set_epoch(epoch)
+    set_objective_epoch = getattr(run.objective, "set_epoch", None)
+    if set_objective_epoch is not None:
+        set_objective_epoch(epoch)
     if (cfg.data.rotate_start_epoch or cfg.data.zoom_start_epoch
             or cfg.data.early_size_epochs):  # workers copy the dataset at iter()
         set_geometry_at_epoch(run.loader.dataset, cfg.data, epoch)
