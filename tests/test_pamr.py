@@ -5,19 +5,52 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnmaps.pseudo.pamr import neighbours, pamr
+from attnmaps.pseudo.pamr import DILATIONS, neighbour_views, pamr, pixel_affinity
 
 
 def test_neighbours_match_explicit_indexing_with_replicated_border() -> None:
     x = torch.arange(20.0).reshape(1, 1, 4, 5)
-    near = neighbours(x, dilations=(1,))
-    assert near.shape == (1, 1, 8, 4, 5)
-    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    near = list(neighbour_views(x, dilations=(1, 2)))
+    assert len(near) == 16 and near[0].shape == (1, 1, 4, 5)
+    offsets = [(dy, dx) for d in (1, 2) for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
     for p, (dy, dx) in enumerate(offsets):
         for i in range(4):
             for j in range(5):
                 ii, jj = min(max(i + dy, 0), 3), min(max(j + dx, 0), 4)
-                assert near[0, 0, p, i, j] == x[0, 0, ii, jj]
+                assert near[p][0, 0, i, j] == x[0, 0, ii, jj]
+
+
+def reference_pamr(images: torch.Tensor, maps: torch.Tensor, iterations: int,
+                   dilations: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAMR as the paper writes it, by explicit (clamped) indexing: the affinity
+    softmax_p(-mean_c |x_p - x| / (0.1 std_p(x_p))) over all neighbours p, and iterations of
+    the affinity-weighted mean of the neighbours. Returns (affinity [B,P,H,W], refined maps)."""
+    height, width = images.shape[-2:]
+    rows, cols = torch.arange(height), torch.arange(width)
+    offsets = [(dy, dx) for d in dilations for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W] -> [B,C,P,H,W]
+        return torch.stack([x[..., (rows + dy).clamp(0, height - 1)[:, None],
+                              (cols + dx).clamp(0, width - 1)[None, :]] for dy, dx in offsets],
+                           dim=2)
+
+    near = gather(images)
+    distance = (near - images.unsqueeze(2)).abs() / (1e-8 + 0.1 * near.std(dim=2, keepdim=True))
+    affinity = (-distance.mean(dim=1)).softmax(dim=1)
+    for _ in range(iterations):
+        maps = (gather(maps) * affinity.unsqueeze(1)).sum(dim=2)
+    return affinity, maps
+
+
+@pytest.mark.parametrize("dilations", [(1,), (1, 3), DILATIONS])
+def test_pamr_equals_the_explicit_reference(dilations: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 13, 17, generator=gen)
+    images[0, :, :5, :6] = 0.5  # a flat patch: zero spread among some neighbourhoods
+    maps = torch.rand(2, 4, 13, 17, generator=gen)
+    affinity, refined = reference_pamr(images, maps, 5, dilations)
+    torch.testing.assert_close(pixel_affinity(images, dilations).squeeze(1), affinity)
+    torch.testing.assert_close(pamr(images, maps, 5, dilations), refined)
 
 
 def test_constant_map_stays_constant() -> None:

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +23,22 @@ from torch import Tensor
 DILATIONS = (1, 2, 4, 8, 12, 24)
 
 
-def neighbours(x: Tensor, dilations: Sequence[int]) -> Tensor:
-    """The 8 neighbours of every pixel at each dilation: [B,C,H,W] -> [B,C,8*len(dilations),H,W].
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """The (dy, dx) offsets of the 8 neighbours of a pixel at each dilation, in order."""
+    return [(dy, dx) for d in dilations for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
 
-    Borders replicate the edge pixels.
-    """
+
+def neighbour_views(x: Tensor, dilations: Sequence[int]) -> Iterator[Tensor]:
+    """Each neighbour of every pixel, one [..., H, W] view per offset of
+    :func:`neighbour_offsets`; borders replicate the edge pixels.
+
+    Views of one padded copy: the refinement sums over them one at a time instead of stacking
+    all 8 x len(dilations) shifted copies (several times faster on CPU)."""
     height, width = x.shape[-2:]
-    shifted = []
-    for d in dilations:
-        padded = F.pad(x, (d, d, d, d), mode="replicate")
-        for dy in (-d, 0, d):
-            for dx in (-d, 0, d):
-                if dy or dx:
-                    shifted.append(padded[..., d + dy:d + dy + height, d + dx:d + dx + width])
-    return torch.stack(shifted, dim=2)
+    pad = max(dilations)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    for dy, dx in neighbour_offsets(dilations):
+        yield padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
 
 
 def pamr(images: Tensor, maps: Tensor, iterations: int = 20,
@@ -65,14 +67,20 @@ def pamr(images: Tensor, maps: Tensor, iterations: int = 20,
 
 def pixel_affinity(images: Tensor, dilations: Sequence[int]) -> Tensor:
     """Affinity of every pixel to its neighbours, [B,1,8*len(dilations),H,W], summing to 1."""
-    near = neighbours(images, dilations)
-    spread = near.std(dim=2, keepdim=True)
-    distance = (near - images.unsqueeze(2)).abs() / (1e-8 + 0.1 * spread)
-    return (-distance.mean(dim=1)).softmax(dim=1).unsqueeze(1)
+    count = 8 * len(dilations)
+    mean = sum(neighbour_views(images, dilations)) / count
+    squares = sum((view - mean).square() for view in neighbour_views(images, dilations))
+    scale = 1.0 / (1e-8 + 0.1 * (squares / (count - 1)).sqrt())  # std over the neighbours
+    logits = torch.stack([-((view - images).abs() * scale).mean(dim=1)
+                          for view in neighbour_views(images, dilations)], dim=1)
+    return logits.softmax(dim=1).unsqueeze(1)
 
 
 def _propagate(maps: Tensor, affinity: Tensor, iterations: int,
                dilations: Sequence[int]) -> Tensor:
     for _ in range(iterations):
-        maps = (neighbours(maps, dilations) * affinity).sum(dim=2)
+        refined = torch.zeros_like(maps)
+        for index, view in enumerate(neighbour_views(maps, dilations)):
+            refined.addcmul_(view, affinity[:, :, index])
+        maps = refined
     return maps
