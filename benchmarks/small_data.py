@@ -85,6 +85,9 @@ VARIANTS = {
     "64 px for 25 epochs, 55 epochs": ["data.early_size_epochs=25", "train.epochs=55"],
     "48 px for 25 epochs, 55 epochs": ["data.early_size=48,48", "data.early_size_epochs=25",
                                        "train.epochs=55"],
+    "self-training from epoch 30 (64 px for 25 of 55 epochs), attention maps": [
+        "data.early_size_epochs=25", "train.epochs=55", "train.self_train_attention_weight=1",
+        "train.self_train_start_epoch=30", "pseudo.maps=attention"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],

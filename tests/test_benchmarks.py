@@ -101,6 +101,11 @@ def test_pseudo_mask_speed_agrees_with_the_reference_on_claimed_pixels(tmp_path:
     assert agreement["claimed_pixels"] == 1.0 and agreement["filled_pixels"] > 0.99
 
 
+def test_pamr_speed_refines_as_the_stacked_form(tmp_path: Path) -> None:
+    result = run_benchmark("pamr_speed", [], tmp_path)
+    assert result["max_difference"] < 1e-5 and set(result["seconds"]) == {"attnmaps", "stacked"}
+
+
 def test_class_attention_memory_grows_linearly_not_quadratically(tmp_path: Path) -> None:
     growth = run_benchmark("class_attention_memory", [], tmp_path)["growth_exponent"]
     for per_k in growth.values():
