@@ -82,7 +82,8 @@ VARIANTS = {
                                                         "data.early_size_epochs=24",
                                                         "train.epochs=40"],
     "no progressive resizing (40 epochs at 96 px)": AT_96_PX_FOR_40,
-    "64 px for 25 epochs, 55 epochs": ["data.early_size_epochs=25", "train.epochs=55"],
+    "64 px for 20 epochs, 50 epochs (eleventh round's recipe)": ["data.early_size_epochs=20",
+                                                                 "train.epochs=50"],
     "48 px for 25 epochs, 55 epochs": ["data.early_size=48,48", "data.early_size_epochs=25",
                                        "train.epochs=55"],
     "self-training from epoch 30 (64 px for 25 of 55 epochs), attention maps": [
