@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--img-size", "32", "--embed-dim", "32", "--depth", "2", "--heads", "2"]
@@ -310,3 +311,32 @@ def test_classifier_gap_scores_both_heads_and_their_ensemble() -> None:
         for read_out in ("1 scale", "1 scales"):
             assert abs(scores[f"{head}, {read_out}"]["bce"] - bce.item()) < 1e-5
             assert 0.0 <= scores[f"{head}, {read_out}"]["map"] <= 1.0
+
+
+def test_self_training_targets_scores_match_the_evaluator(tmp_path: Path) -> None:
+    self_training_targets = import_benchmark("self_training_targets")
+    from dataclasses import replace
+
+    from attnmaps.config import load_config
+    from attnmaps.data.registry import build_dataset
+    from attnmaps.data.synthetic import write_synthetic_voc
+    from attnmaps.engine.evaluate import eval_options, evaluate
+    from attnmaps.engine.train import train
+    from attnmaps.pipeline import load_run
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=8, size=(32, 32), seed=3)
+    run = tmp_path / "run"
+    train(load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                             "model.depth=1", "model.num_heads=2", "model.patch_head=true",
+                             "pseudo.maps=fused", "train.epochs=1", "train.batch_size=8",
+                             f"data.root={root}", f"out_dir={run}"]))
+    result = self_training_targets.target_scores(run, "val", 6, [(0, 8), (3, 4)], batch_size=4)
+    cfg, model = load_run(run)
+    dataset = torch.utils.data.Subset(build_dataset(cfg.data, "val", train=False), range(6))
+    for maps in ("attention", "fused"):
+        settings = replace(cfg.pseudo, refine_iterations=0, tta_scales=[1.0], maps=maps)
+        expected = evaluate(model, dataset, settings, **eval_options(cfg))["miou_true_labels"]
+        assert result["miou_true_labels"][maps] == pytest.approx(expected, abs=1e-6)
+    assert set(result["miou_true_labels"]) == {"attention", "fused", "targets 0:8",
+                                               "targets 3:4"}
+    assert result["cross_entropy"] >= result["target_entropy"] > 0  # Gibbs' inequality
