@@ -239,26 +239,33 @@ def test_raw_map_error_shares_by_hand() -> None:
                                     "true_object_as_other_class": 2 / 40})
 
 
+def tiny_trained_run(tmp_path: Path, *overrides: str) -> Path:
+    """A 1-epoch run of a tiny ViT with a patch head and fused maps on 16 synthetic 32-px
+    images (8 `val` images)."""
+    from attnmaps.config import load_config
+    from attnmaps.data.synthetic import write_synthetic_voc
+    from attnmaps.engine.train import train
+
+    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=8, size=(32, 32), seed=3)
+    run = tmp_path / "run"
+    train(load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
+                             "model.depth=1", "model.num_heads=2", "model.patch_head=true",
+                             "pseudo.maps=fused", "train.epochs=1", "train.batch_size=8",
+                             *overrides, f"data.root={root}", f"out_dir={run}"]))
+    return run
+
+
 def test_raw_map_scores_of_a_run_match_the_evaluator(tmp_path: Path) -> None:
     raw_map_ceiling = import_benchmark("raw_map_ceiling")
     from dataclasses import replace
 
     from torch.utils.data import DataLoader
 
-    from attnmaps.config import load_config
     from attnmaps.data.registry import build_dataset
-    from attnmaps.data.synthetic import write_synthetic_voc
     from attnmaps.engine.evaluate import eval_options, evaluate
-    from attnmaps.engine.train import train
     from attnmaps.pipeline import load_run
 
-    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=8, size=(32, 32), seed=3)
-    run = tmp_path / "run"
-    train(load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
-                             "model.depth=1", "model.num_heads=2", "model.patch_head=true",
-                             "pseudo.maps=fused", "pseudo.merge=weighted", "train.epochs=1",
-                             "train.batch_size=8", "pseudo.tta_scales=[1.0,0.75]",
-                             f"data.root={root}", f"out_dir={run}"]))
+    run = tiny_trained_run(tmp_path, "pseudo.merge=weighted", "pseudo.tta_scales=[1.0,0.75]")
     cfg, model = load_run(run)
     dataset = build_dataset(cfg.data, "val", train=False)
     scores = raw_map_ceiling.run_scores(run, DataLoader(dataset, batch_size=3),
@@ -317,19 +324,11 @@ def test_self_training_targets_scores_match_the_evaluator(tmp_path: Path) -> Non
     self_training_targets = import_benchmark("self_training_targets")
     from dataclasses import replace
 
-    from attnmaps.config import load_config
     from attnmaps.data.registry import build_dataset
-    from attnmaps.data.synthetic import write_synthetic_voc
     from attnmaps.engine.evaluate import eval_options, evaluate
-    from attnmaps.engine.train import train
     from attnmaps.pipeline import load_run
 
-    root = write_synthetic_voc(tmp_path / "data", num_train=16, num_val=8, size=(32, 32), seed=3)
-    run = tmp_path / "run"
-    train(load_config(None, ["model.img_size=32,32", "model.patch_size=8", "model.embed_dim=16",
-                             "model.depth=1", "model.num_heads=2", "model.patch_head=true",
-                             "pseudo.maps=fused", "train.epochs=1", "train.batch_size=8",
-                             f"data.root={root}", f"out_dir={run}"]))
+    run = tiny_trained_run(tmp_path)
     result = self_training_targets.target_scores(run, "val", 6, [(0, 8), (3, 4)], batch_size=4)
     cfg, model = load_run(run)
     dataset = torch.utils.data.Subset(build_dataset(cfg.data, "val", train=False), range(6))
