@@ -19,25 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from attnmaps.data.registry import build_dataset
 from attnmaps.engine.evaluate import PseudoMaskEvaluator
-from attnmaps.engine.self_training import refined_patch_targets
+from attnmaps.engine.self_training import attention_target_loss, refined_patch_targets
 from attnmaps.pipeline import load_run
-
-
-def cross_entropy_and_entropy(attention: Tensor, targets: Tensor, present: Tensor) -> Tensor:
-    """Sums over the present (image, class) pairs with some target: [cross-entropy from the
-    targets to the attention, entropy of the targets, pair count] (each normalised over the
-    patches)."""
-    chosen = present & (targets.sum(-1) > 0)
-    target = targets[chosen] / targets[chosen].sum(-1, keepdim=True)
-    weights = attention[chosen] / attention[chosen].sum(-1, keepdim=True)
-    cross = -(target * weights.clamp_min(1e-8).log()).sum()
-    entropy = -(target * target.clamp_min(1e-12).log()).sum()
-    return torch.stack([cross, entropy, torch.tensor(float(len(target)))])
 
 
 @torch.no_grad()
@@ -65,8 +52,12 @@ def target_scores(run: Path, split: str, images: int, settings: list[tuple[int, 
             targets = refined_patch_targets(model, images_, labels, cfg.pseudo, iterations,
                                             blocks, dataset.has_background, cell)
             maps[f"targets {iterations}:{cell}"] = targets.reshape(attention.shape)
-            if (iterations, cell) == settings[0]:
-                sums += cross_entropy_and_entropy(attention.flatten(2), targets, labels > 0.5)
+            if (iterations, cell) == settings[0]:  # means over the present classes' maps
+                present = (labels > 0.5) & (targets.sum(-1) > 0)
+                count = present.sum().item()
+                sums += torch.tensor([  # a distribution's cross-entropy to itself: its entropy
+                    attention_target_loss(attention.flatten(2), targets, present) * count,
+                    attention_target_loss(targets, targets, present) * count, count])
         for name, evaluator in evaluators.items():
             evaluator.update(images_, labels, masks, probs, maps[name])
     scores = {name: evaluator.compute()["miou_true_labels"] for name, evaluator in
@@ -87,9 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         settings = [tuple(int(part) for part in item.split(":")) for item in args.settings]
+        if any(len(item) != 2 for item in settings):
+            raise ValueError(args.settings)
     except ValueError:
-        parser.error(f"--settings {args.settings}: expected ITERATIONS:CELL pairs such as 10:4")
-    if any(len(item) != 2 for item in settings):
         parser.error(f"--settings {args.settings}: expected ITERATIONS:CELL pairs such as 10:4")
     result = target_scores(args.run, args.split, args.images, settings)
     for name, score in result["miou_true_labels"].items():

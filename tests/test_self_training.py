@@ -177,7 +177,8 @@ def test_training_turns_self_training_on_at_its_epoch(tmp_path) -> None:
                              "train.self_train_weight=1", "train.self_train_start_epoch=1",
                              f"data.root={root}", f"out_dir={tmp_path / 'run'}"])
     train(cfg)
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log]
     steps = [record for record in records if "bce" in record]
     assert [("self_train" in record) for record in steps] == [False, False, True, True]
 

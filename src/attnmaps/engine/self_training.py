@@ -6,8 +6,9 @@ image-label loss asks a map to cover its object, while the refined read-out (PAM
 does cover it. Each training step the model's own maps of the image's true classes (no
 gradient, evaluation mode, every patch) are refined and binarised as the pseudo masks are
 (at ``cell`` x ``cell`` pixels per patch, PAMR's dilations scaled alike: on CPU the affinities
-at full resolution cost several training steps), and the share of each patch's pixels that each class's mask holds becomes the target of
-two terms on the training forward's patches (the kept ones under PatchDropout):
+at full resolution cost several training steps), and the share of each patch's pixels that
+each class's mask holds becomes the target of two terms on the training forward's patches (the
+kept ones under PatchDropout):
 
 * :func:`dense_patch_bce`: the patch head's per-patch class scores against those shares
   (absent classes: 0 on every patch), so its sigmoid, which fused maps multiply in, is high on
@@ -33,8 +34,8 @@ from torch import Tensor
 from ..config import PseudoMaskConfig
 from ..conventions import IGNORE_INDEX
 from ..models.vit import ClassTokenViT
-from ..pseudo.masks import make_pseudo_masks, upsample_maps
-from ..pseudo.pamr import DILATIONS, pamr
+from ..pseudo.masks import class_scores, make_pseudo_masks
+from ..pseudo.pamr import DILATIONS
 
 
 def patch_shares(masks: Tensor, num_classes: int, has_background: bool,
@@ -81,10 +82,8 @@ def refined_patch_targets(model: ClassTokenViT, images: Tensor, labels: Tensor,
     factor = size[0] / images.shape[-2]
     small = images if factor == 1 else F.interpolate(images, size=size, mode="area")
     present = labels > 0.5
-    scores = upsample_maps(maps.float(), size)
-    if refine_iterations:
-        scores = pamr(small.float(), scores, refine_iterations, scaled_dilations(factor),
-                      selected=present)
+    scores = class_scores(small.float(), maps.float(), present, refine_iterations,
+                          scaled_dilations(factor))
     masks = make_pseudo_masks(scores, present.float(), size, threshold=settings.threshold,
                               has_background=has_background, labels=labels,
                               merge=settings.merge)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..conventions import min_max_normalize
+from .pamr import DILATIONS, pamr
 
 UNASSIGNED = -1
 
@@ -42,6 +44,17 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def class_scores(images: Tensor, maps: Tensor, selected: Tensor, refine_iterations: int,
+                 dilations: Sequence[int] = DILATIONS) -> Tensor:
+    """The min-max normalized image-size class scores [B,K,H,W] of ``maps`` [B,K,h,w]: upsampled
+    to the size of ``images`` and refined by PAMR (at ``dilations``) for the ``selected``
+    classes, as :func:`~attnmaps.engine.evaluate.evaluate` scores them before binarising."""
+    full = upsample_maps(maps, tuple(images.shape[-2:]))
+    if refine_iterations:
+        full = pamr(images, full, refine_iterations, dilations, selected=selected)
+    return min_max_normalize(full)
 
 
 MERGE_RULES = ("probability", "map", "weighted")

@@ -24,12 +24,11 @@ from ..config import Config, SegmentConfig, load_config
 from ..data.base import image_to_float
 from ..models.vit import ClassTokenViT
 from ..pipeline import load_run
-from ..pseudo.masks import make_pseudo_masks, select_classes
+from ..pseudo.masks import class_scores, make_pseudo_masks, select_classes
 from ..pseudo.tta import tta_predict
 from ..runtime import resolve_device
 from .model import is_segmenter, load_segmenter
 from .predict import infer_probs
-from .seeds import class_scores
 
 
 class Predictor:

@@ -31,8 +31,7 @@ from ..engine.evaluate import eval_options, evaluate, segmentation_summary
 from ..metrics.segmentation import SegmentationMetric
 from ..metrics.sync import all_reduce_sum
 from ..models.vit import ClassTokenViT
-from ..pseudo.masks import save_pseudo_masks, select_classes, upsample_maps
-from ..pseudo.pamr import pamr
+from ..pseudo.masks import save_pseudo_masks, select_classes
 
 SEEDS_METRICS = "metrics.json"
 
@@ -58,16 +57,6 @@ def uncertain_pixels(scores: Tensor, selected: Tensor, threshold: float, ignore_
     if top.shape[1] == 2:
         uncertain |= (top[:, 1] >= threshold) & (top[:, 0] - top[:, 1] < class_margin)
     return uncertain
-
-
-def class_scores(images: Tensor, maps: Tensor, selected: Tensor, refine_iterations: int) -> Tensor:
-    """The min-max normalized image-size class scores [B,K,H,W] of ``maps`` [B,K,h,w]: upsampled
-    and PAMR-refined for the ``selected`` classes, as :func:`~attnmaps.engine.evaluate.evaluate`
-    scores them before binarising."""
-    full = upsample_maps(maps, tuple(images.shape[-2:]))
-    if refine_iterations:
-        full = pamr(images, full, refine_iterations, selected=selected)
-    return min_max_normalize(full)
 
 
 def seed_subset(size: int, max_images: int, seed: int) -> list[int]:
