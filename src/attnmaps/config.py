@@ -169,12 +169,15 @@ class TrainConfig:
     # the patch head's dense BCE and of the class tokens' attention cross-entropy against the
     # patch shares of the refined pseudo masks, from epoch self_train_start_epoch on, the maps
     # refined by self_train_refine_iterations of PAMR at self_train_cell x self_train_cell pixels
-    # per patch
+    # per patch; self_train_refresh_epochs > 0: the masks of all training images are made once
+    # every that many epochs (by the weight average when there is one) and augmented with the
+    # images, instead of every step from the batch itself
     self_train_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_train_attention_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_train_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
     self_train_refine_iterations: int = field(default=10, metadata=_NON_NEGATIVE)
     self_train_cell: int = field(default=4, metadata=_COUNT)
+    self_train_refresh_epochs: int = field(default=0, metadata=_NON_NEGATIVE)
 
 
 @dataclass
@@ -521,6 +524,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'train.self_train_weight' is {cfg.train.self_train_weight}, "
                           "a loss on the patch head's scores, but model.patch_head is false; set "
                           "model.patch_head=true or train.self_train_weight=0")
+    if cfg.train.self_train_refresh_epochs:
+        if cfg.train.mix == "mixup":
+            raise ConfigError("Config key 'train.self_train_refresh_epochs' is "
+                              f"{cfg.train.self_train_refresh_epochs}: its stored masks cannot "
+                              "follow a Mixup blend; set train.mix=cutmix or none, or "
+                              "train.self_train_refresh_epochs=0 (targets made every step)")
+        if cfg.data.persistent_workers:
+            raise ConfigError("Config key 'train.self_train_refresh_epochs' is "
+                              f"{cfg.train.self_train_refresh_epochs}; persistent loader workers "
+                              "(data.persistent_workers=true) would keep the first masks: set "
+                              "data.persistent_workers=false")
     if cfg.pseudo.maps == "fused" and not cfg.model.patch_head:
         raise ConfigError("Config key 'pseudo.maps' is 'fused', which weighs the attention by "
                           "the patch head's scores, but model.patch_head is false; set "

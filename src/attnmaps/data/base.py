@@ -190,19 +190,24 @@ class ImageDataset(Dataset):
         return self.make_sample(i, image, mask, labels)
 
     def make_sample(self, i: int, image: np.ndarray, mask: np.ndarray | None,
-                    labels: torch.Tensor) -> dict:
+                    labels: torch.Tensor, pseudo_mask: np.ndarray | None = None) -> dict:
         """Item ``i``'s sample from its stored image, mask (None: all ignore) and labels:
         augmented together, scaled and normalized (a uint8 image is kept as it is with
-        ``uint8_images``)."""
+        ``uint8_images``). A ``pseudo_mask`` [H,W] (uint8, the image's size) goes through the
+        same geometric steps and into the sample as ``"pseudo_mask"``."""
         has_mask = mask is not None
         if mask is None:
             mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        image, mask = self.augment(image, mask)
+        masks = (mask,) if pseudo_mask is None else (mask, pseudo_mask)
+        image, *masks = self.augment(image, *masks)
         if self.uint8_images and image.dtype == np.uint8:
             tensor = torch.from_numpy(image).permute(2, 0, 1)
         else:
             unit = torch.from_numpy(image_to_float(image)).permute(2, 0, 1)
             tensor = normalize_images(self.augment.photometric(unit), self.mean, self.std)
-        return {"image": tensor.contiguous(), "labels": labels,
-                "mask": torch.from_numpy(mask.astype(np.int64)), "has_mask": has_mask,
-                "id": self.ids[i]}
+        sample = {"image": tensor.contiguous(), "labels": labels,
+                  "mask": torch.from_numpy(masks[0].astype(np.int64)), "has_mask": has_mask,
+                  "id": self.ids[i]}
+        if pseudo_mask is not None:
+            sample["pseudo_mask"] = torch.from_numpy(masks[1].astype(np.int64))
+        return sample

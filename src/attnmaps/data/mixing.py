@@ -5,8 +5,9 @@ box of area ``(1 - lam)`` of the image is taken from ``x_b`` (``lam`` is then th
 Labels are mixed with the same weight, ``y = lam * y_a + (1 - lam) * y_b``, so a class in both
 images keeps label 1, and a class in one of them gets the share of the image it came from (still
 "present" for class-token masking, which drops only classes with label 0). ``lam`` is drawn
-from Beta(alpha, alpha) once per batch, from torch's global generator. CutMix also pastes the box into the masks; Mixup leaves
-no valid mask, so mixed images lose ``has_mask``.
+from Beta(alpha, alpha) once per batch, from torch's global generator. CutMix also pastes the
+box into the masks (and the self-training ``pseudo_mask``); Mixup leaves no valid mask, so mixed
+images lose ``has_mask``.
 
 Example:
     >>> batch = mix_batch(batch, "cutmix", alpha=1.0)  # doctest: +SKIP
@@ -33,8 +34,8 @@ def cutmix_box(height: int, width: int, lam: float) -> tuple[int, int, int, int]
 
 
 def mix_batch(batch: dict, mode: str, alpha: float = 1.0) -> dict:
-    """A copy of ``batch`` (``image`` [B,C,H,W], ``labels`` [B,K], optional ``mask`` [B,H,W] and
-    ``has_mask`` [B]) with each image mixed with the image at a random permutation of the batch."""
+    """A copy of ``batch`` (``image`` [B,C,H,W], ``labels`` [B,K], optional ``mask`` and
+    ``pseudo_mask`` [B,H,W] and ``has_mask`` [B]) with each image mixed with the image at a random permutation of the batch."""
     if mode not in MIX_MODES:
         raise ValueError(f"train.mix={mode!r}; expected one of {MIX_MODES}")
     if alpha <= 0:
@@ -55,9 +56,10 @@ def mix_batch(batch: dict, mode: str, alpha: float = 1.0) -> dict:
         window = (..., slice(top, top + h), slice(left, left + w))
         out["image"] = images.clone()
         out["image"][window] = images[perm][window]
-        if "mask" in batch:
-            out["mask"] = batch["mask"].clone()
-            out["mask"][window] = batch["mask"][perm][window]
+        for key in ("mask", "pseudo_mask"):
+            if key in batch:
+                out[key] = batch[key].clone()
+                out[key][window] = batch[key][perm][window]
         lam = 1.0 - h * w / (images.shape[-2] * images.shape[-1])
     out["labels"] = lam * labels + (1.0 - lam) * labels[perm]
     return out

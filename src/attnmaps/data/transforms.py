@@ -8,6 +8,7 @@ DataLoader seeds differently in each worker.
 
 >>> augment = Augment(size=(224, 224), crop_scale=(0.5, 1.0), hflip=True)  # doctest: +SKIP
 >>> image, mask = augment(image, mask)  # doctest: +SKIP
+>>> image, mask, pseudo_mask = augment(image, mask, pseudo_mask)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -56,23 +57,33 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
 
 
-def affine_pair(image: np.ndarray, mask: np.ndarray, degrees: float = 0.0,
-                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate image (bilinear, fill 0) and mask (nearest, fill 255) counter-clockwise by
-    ``degrees`` and scale them by ``scale`` (> 1 enlarges: a zoom in) about the centre, keeping
-    the size. One resampling, with the inverse map PIL's ``rotate`` builds, divided by ``scale``."""
-    height, width = mask.shape
+def affine_matrix(height: int, width: int, degrees: float,
+                  scale: float) -> tuple[float, ...]:
+    """PIL's inverse affine map for a counter-clockwise rotation by ``degrees`` and a scaling by
+    ``scale`` (> 1 enlarges: a zoom in) about the centre of an image of ``height`` x ``width``:
+    the map PIL's ``rotate`` builds, divided by ``scale``."""
     angle = -math.radians(degrees)
     a, b = round(math.cos(angle), 15) / scale, round(math.sin(angle), 15) / scale
     cx, cy = width / 2.0, height / 2.0
-    matrix = (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
-    size = (width, height)
-    image = _per_channel(image, lambda p: p.transform(size, Image.Transform.AFFINE, matrix,
-                                                      Image.Resampling.BILINEAR, fillcolor=0))
-    mask = np.asarray(Image.fromarray(mask).transform(size, Image.Transform.AFFINE, matrix,
-                                                      Image.Resampling.NEAREST,
+    return (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
+
+
+def affine_image(image: np.ndarray, degrees: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """``image`` [H,W,C] rotated and scaled (:func:`affine_matrix`; bilinear, fill 0), same size."""
+    height, width = image.shape[:2]
+    matrix = affine_matrix(height, width, degrees, scale)
+    return _per_channel(image, lambda p: p.transform((width, height), Image.Transform.AFFINE,
+                                                     matrix, Image.Resampling.BILINEAR,
+                                                     fillcolor=0))
+
+
+def affine_mask(mask: np.ndarray, degrees: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """``mask`` [H,W] rotated and scaled like :func:`affine_image` (nearest, fill 255)."""
+    height, width = mask.shape
+    matrix = affine_matrix(height, width, degrees, scale)
+    return np.asarray(Image.fromarray(mask).transform((width, height), Image.Transform.AFFINE,
+                                                      matrix, Image.Resampling.NEAREST,
                                                       fillcolor=IGNORE_INDEX))
-    return image, mask
 
 
 def _uniform(low: float, high: float) -> float:
@@ -152,21 +163,24 @@ class Augment:
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Transformed (image [H,W,C], mask [H,W]); ``mask`` must have the image's H and W."""
+    def __call__(self, image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Transformed (image [H,W,C], *masks [H,W]): every mask (e.g. the label mask and a
+        pseudo mask) goes through the same geometric steps; each must have the image's H, W."""
         size = self.size
         if self.crop_scale is not None:
             size = size or image.shape[:2]
             top, left, h, w = random_crop_box(*image.shape[:2], self.crop_scale)
-            image, mask = image[top:top + h, left:left + w], mask[top:top + h, left:left + w]
-        image, mask = resize_image(image, size), resize_mask(mask, size)
+            image = image[top:top + h, left:left + w]
+            masks = tuple(mask[top:top + h, left:left + w] for mask in masks)
+        image, masks = resize_image(image, size), [resize_mask(mask, size) for mask in masks]
         degrees = _uniform(-self.rotate, self.rotate) if self.rotate else 0.0
         scale = _uniform(*self.zoom) if self.zoom else 1.0
         if degrees or scale != 1.0:
-            image, mask = affine_pair(image, mask, degrees, scale)
+            image = affine_image(image, degrees, scale)
+            masks = [affine_mask(mask, degrees, scale) for mask in masks]
         if self.hflip and torch.rand(()).item() < 0.5:
-            image, mask = image[:, ::-1], mask[:, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+            image, masks = image[:, ::-1], [mask[:, ::-1] for mask in masks]
+        return (np.ascontiguousarray(image), *(np.ascontiguousarray(mask) for mask in masks))
 
     def photometric(self, image: torch.Tensor) -> torch.Tensor:
         """Color jitter of an RGB image [3,H,W] in [0,1]; other channel counts raise."""

@@ -15,7 +15,12 @@ from ..conventions import IGNORE_INDEX, min_max_normalize
 from ..losses import CAMALLoss
 from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
-from .self_training import attention_target_loss, dense_patch_bce, refined_patch_targets
+from .self_training import (
+    attention_target_loss,
+    dense_patch_bce,
+    patch_shares,
+    refined_patch_targets,
+)
 
 
 def map_similarity(maps: Tensor, labels: Tensor, pairs: str = "all") -> Tensor:
@@ -62,7 +67,8 @@ class WSSSObjective:
     ``self_train_start_epoch`` on (:meth:`set_epoch`), the patch head's per-patch scores and the
     class tokens' attention are trained towards the model's own refined pseudo masks, read out
     with the ``pseudo`` settings (:mod:`~attnmaps.engine.self_training`; works with patch
-    dropout).
+    dropout), made from each batch or, with ``self_train_refresh_epochs``, read from the
+    batch's ``pseudo_mask`` (:mod:`~attnmaps.engine.self_training_refresh`).
     """
 
     def __init__(self, cfg: TrainConfig, attn_blocks: str | Sequence[int], has_background: bool,
@@ -84,6 +90,7 @@ class WSSSObjective:
         self.self_train_start_epoch = cfg.self_train_start_epoch
         self.self_train_refine_iterations = cfg.self_train_refine_iterations
         self.self_train_cell = cfg.self_train_cell
+        self.self_train_refresh_epochs = cfg.self_train_refresh_epochs
         self.pseudo = pseudo or PseudoMaskConfig()
         self.epoch = 0
 
@@ -134,19 +141,30 @@ class WSSSObjective:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]
         if self_trained:
-            parts.update(self.self_training_losses(model, images, labels, out, flat))
+            parts.update(self.self_training_losses(model, batch, images, labels, out, flat))
             parts["loss"] = (parts["loss"] + self.self_train_weight * parts.get("self_train", 0.0)
                              + self.self_train_attention_weight
                              * parts.get("self_train_attention", 0.0))
         return parts
 
-    def self_training_losses(self, model: ClassTokenViT, images: Tensor, labels: Tensor,
-                             out: dict, flat: Tensor | None) -> dict[str, Tensor]:
+    def self_training_losses(self, model: ClassTokenViT, batch: dict, images: Tensor,
+                             labels: Tensor, out: dict,
+                             flat: Tensor | None) -> dict[str, Tensor]:
         """The self-training terms (:mod:`~attnmaps.engine.self_training`) on the patches the
-        forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention."""
-        targets = refined_patch_targets(model, images, labels, self.pseudo,
-                                        self.self_train_refine_iterations, self.attn_blocks,
-                                        self.label_offset == 1, self.self_train_cell)
+        forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention. The targets are
+        the shares of the batch's stored ``pseudo_mask`` with ``self_train_refresh_epochs``,
+        else made from the batch now."""
+        if self.self_train_refresh_epochs:
+            if "pseudo_mask" not in batch:
+                raise RuntimeError("train.self_train_refresh_epochs is set but the batch has no "
+                                   "'pseudo_mask': the training set must be WithPseudoMasks "
+                                   "with its masks made (engine/self_training_refresh.py)")
+            targets = patch_shares(batch["pseudo_mask"].to(images.device), model.num_classes,
+                                   self.label_offset == 1, tuple(out["grid"]))
+        else:
+            targets = refined_patch_targets(model, images, labels, self.pseudo,
+                                            self.self_train_refine_iterations, self.attn_blocks,
+                                            self.label_offset == 1, self.self_train_cell)
         if "kept" in out:
             kept = out["kept"].unsqueeze(1).expand(-1, targets.shape[1], -1)
             targets = targets.gather(2, kept)

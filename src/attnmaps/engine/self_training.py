@@ -62,15 +62,15 @@ def scaled_dilations(factor: float) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def refined_patch_targets(model: ClassTokenViT, images: Tensor, labels: Tensor,
-                          settings: PseudoMaskConfig, refine_iterations: int,
-                          attn_blocks: str | Sequence[int], has_background: bool,
-                          cell: int = 4) -> Tensor:
-    """Targets [B,K,N]: the patch shares (:func:`patch_shares`) of the pseudo masks that the
-    model's own class maps (``settings.maps``; evaluation mode, every patch, no gradient) of
-    the true classes (``labels`` > 0.5) give after ``refine_iterations`` of PAMR and binarising
-    at ``settings.threshold`` with ``settings.merge``, all at ``cell`` x ``cell`` pixels per
-    patch (the images area-resized to that, PAMR's dilations scaled by the same factor)."""
+def refined_masks(model: ClassTokenViT, images: Tensor, labels: Tensor,
+                  settings: PseudoMaskConfig, refine_iterations: int,
+                  attn_blocks: str | Sequence[int], has_background: bool,
+                  cell: int = 4) -> Tensor:
+    """Label masks [B, h*cell, w*cell] (uint8, the project's convention) that the model's own
+    class maps (``settings.maps``; evaluation mode, every patch, no gradient) of the true
+    classes (``labels`` > 0.5) give after ``refine_iterations`` of PAMR and binarising at
+    ``settings.threshold`` with ``settings.merge``, all at ``cell`` x ``cell`` pixels per patch
+    of the h x w grid (the images area-resized to that, PAMR's dilations scaled alike)."""
     was_training = model.training
     model.eval()
     try:
@@ -87,6 +87,17 @@ def refined_patch_targets(model: ClassTokenViT, images: Tensor, labels: Tensor,
     masks = make_pseudo_masks(scores, present.float(), size, threshold=settings.threshold,
                               has_background=has_background, labels=labels,
                               merge=settings.merge)
+    return masks.to(torch.uint8)
+
+
+def refined_patch_targets(model: ClassTokenViT, images: Tensor, labels: Tensor,
+                          settings: PseudoMaskConfig, refine_iterations: int,
+                          attn_blocks: str | Sequence[int], has_background: bool,
+                          cell: int = 4) -> Tensor:
+    """Targets [B,K,N]: the patch shares (:func:`patch_shares`) of :func:`refined_masks`."""
+    masks = refined_masks(model, images, labels, settings, refine_iterations, attn_blocks,
+                          has_background, cell)
+    grid = (masks.shape[-2] // cell, masks.shape[-1] // cell)
     return patch_shares(masks, model.num_classes, has_background, grid)
 
 

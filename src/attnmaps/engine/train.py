@@ -60,6 +60,7 @@ from ..config import Config, DataConfig, TrainConfig, config_to_dict, save_confi
 from ..data.base import normalize_images
 from ..data.mask_budget import MaskBudget
 from ..data.mixing import mix_batch
+from ..data.pseudo_mask_dataset import WithPseudoMasks
 from ..data.registry import build_dataset
 from ..data.transforms import set_geometry_at_epoch
 from ..errors import TrainingDiverged
@@ -92,6 +93,7 @@ from .resume import (
     truncate_log,
 )
 from .run_lock import run_lock
+from .self_training_refresh import PseudoMaskRefresh
 
 EpochCallback = Callable[[int, dict], None]
 SetupFn = Callable[["Config", "DistContext", bool, bool], "Run"]
@@ -252,6 +254,8 @@ class Run:
     # data.mean / data.std as [C,1,1] on the device, for uint8 batches (data.normalize_on_device)
     pixel_stats: tuple[Tensor, Tensor] | None = None
     objective: Objective | None = None  # told each epoch, when it has a ``set_epoch``
+    # (model, epoch) -> None before each epoch's batches: remakes the self-training masks
+    refresh_masks: Callable[[nn.Module, int], None] | None = None
 
     @property
     def scored_model(self) -> nn.Module:
@@ -311,6 +315,8 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     check_masks(val_set, cfg.data.val_split)
+    with_pseudo_masks = WithPseudoMasks(train_set) if cfg.train.self_train_refresh_epochs else None
+    train_set = with_pseudo_masks or train_set
     if cfg.train.mask_fraction > 0:
         # A seed apart from the epoch orders' (seed * 100003 + epoch), or the images with masks
         # would be exactly the first batches of epoch 0.
@@ -334,6 +340,9 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
                        metadata, allow_changes)
     if cfg.train.gate_start_epoch > 0:
         delay_gates(run.scheduler, round(cfg.train.gate_start_epoch * run.steps_per_epoch))
+    if with_pseudo_masks is not None:
+        run.refresh_masks = PseudoMaskRefresh(cfg, with_pseudo_masks, run.run_dir, ctx.is_main,
+                                              run.batch_size)
     return run
 
 
@@ -427,6 +436,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     if (cfg.data.rotate_start_epoch or cfg.data.zoom_start_epoch
             or cfg.data.early_size_epochs):  # workers copy the dataset at iter()
         set_geometry_at_epoch(run.loader.dataset, cfg.data, epoch)
+    if run.refresh_masks is not None:  # before the workers copy the dataset
+        run.refresh_masks(run.scored_model, epoch)
     skip, run.skip_batches = run.skip_batches, 0
     loader = run.loader if not skip else make_loader(
         run.loader.dataset, run.batch_size, SkipSampler(run.sampler, skip * run.batch_size),
