@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from attnmaps.config import ConfigError, PseudoMaskConfig, TrainConfig, load_config
 from attnmaps.engine.objective import WSSSObjective
 from attnmaps.engine.self_training import (
+    absent_attention_loss,
     attention_target_loss,
     dense_patch_bce,
     patch_shares,
@@ -187,3 +188,37 @@ def test_config_refuses_the_dense_term_without_a_patch_head() -> None:
     with pytest.raises(ConfigError, match="'train.self_train_weight' is 1.0"):
         load_config(None, ["train.self_train_weight=1", "model.patch_head=false"])
     load_config(None, ["train.self_train_attention_weight=1", "model.patch_head=false"])
+
+
+def test_absent_attention_loss_is_the_kl_from_even_attention_by_hand() -> None:
+    attention = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]],
+                              [[0.2, 0.3, 0.5], [4.0, 4.0, 4.0]]])
+    absent = torch.tensor([[False, True], [True, False]])
+    third = 1.0 / 3.0
+    kl_first = third * (math.log(third / 0.5) + 2 * math.log(third / 0.25))
+    kl_second = third * (math.log(third / 0.2) + math.log(third / 0.3) + math.log(third / 0.5))
+    assert absent_attention_loss(attention, absent).item() == pytest.approx(
+        (kl_first + kl_second) / 2, abs=1e-6)
+    even = torch.tensor([[True, False], [False, True]])  # the evenly spread maps: no divergence
+    assert absent_attention_loss(attention, even).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_objective_adds_the_absent_term_without_making_targets(monkeypatch) -> None:
+    from attnmaps.engine import objective as objective_module
+
+    def no_targets(*args, **kwargs):
+        raise AssertionError("the absent-class term needs no targets")
+
+    monkeypatch.setattr(objective_module, "refined_patch_targets", no_targets)
+    model = small_model().train()
+    images = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    cfg = TrainConfig(gate_lambda=0.0, self_train_absent_weight=0.5)
+    parts = WSSSObjective(cfg, [1], True, SETTINGS)(model, {"image": images, "labels": labels},
+                                                    "cpu")
+    out = model.forward_features(images, attn_blocks=[1])
+    expected = absent_attention_loss(model.class_patch_attention(out["attn"], [1]), labels < 0.5)
+    torch.testing.assert_close(parts["self_train_absent"], expected)
+    plain = WSSSObjective(TrainConfig(gate_lambda=0.0), [1], True, SETTINGS)(
+        model, {"image": images, "labels": labels}, "cpu")
+    torch.testing.assert_close(parts["loss"], plain["loss"] + 0.5 * expected)

@@ -171,9 +171,11 @@ class TrainConfig:
     # refined by self_train_refine_iterations of PAMR at self_train_cell x self_train_cell pixels
     # per patch; self_train_refresh_epochs > 0: the masks of all training images are made once
     # every that many epochs (by the weight average when there is one) and augmented with the
-    # images, instead of every step from the batch itself
+    # images, instead of every step from the batch itself; self_train_absent_weight: weight of the
+    # KL divergence from even attention to the attention of the classes absent from the image
     self_train_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_train_attention_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    self_train_absent_weight: float = field(default=0.0, metadata=_NON_NEGATIVE)
     self_train_start_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
     self_train_refine_iterations: int = field(default=10, metadata=_NON_NEGATIVE)
     self_train_cell: int = field(default=4, metadata=_COUNT)

@@ -16,6 +16,7 @@ from ..losses import CAMALLoss
 from ..models.vit import ClassTokenViT
 from ..process_group import get_world_size, in_process_group
 from .self_training import (
+    absent_attention_loss,
     attention_target_loss,
     dense_patch_bce,
     patch_shares,
@@ -87,6 +88,7 @@ class WSSSObjective:
         self.guide = CAMALLoss(form=cfg.guide_form)
         self.self_train_weight = cfg.self_train_weight
         self.self_train_attention_weight = cfg.self_train_attention_weight
+        self.self_train_absent_weight = cfg.self_train_absent_weight
         self.self_train_start_epoch = cfg.self_train_start_epoch
         self.self_train_refine_iterations = cfg.self_train_refine_iterations
         self.self_train_cell = cfg.self_train_cell
@@ -101,7 +103,8 @@ class WSSSObjective:
     @property
     def self_training(self) -> bool:
         """Whether the self-training terms are on for the current epoch."""
-        weights = self.self_train_weight + self.self_train_attention_weight
+        weights = (self.self_train_weight + self.self_train_attention_weight
+                   + self.self_train_absent_weight)
         return weights > 0 and self.epoch >= self.self_train_start_epoch
 
     def __call__(self, model: ClassTokenViT, batch: dict, device) -> dict[str, Tensor]:
@@ -111,7 +114,8 @@ class WSSSObjective:
         self_guided = has_patch_head and self.self_guide_weight > 0
         decorrelated = self.decorrelation_weight > 0
         self_trained = self.self_training
-        attention_trained = self_trained and self.self_train_attention_weight > 0
+        attention_trained = self_trained and (self.self_train_attention_weight > 0
+                                              or self.self_train_absent_weight > 0)
         needs_maps = self.guided or pooled or self_guided or decorrelated or attention_trained
         blocks = model.resolve_attn_blocks(self.attn_blocks) if needs_maps else []
         out = model.forward_features(images, labels, attn_blocks=blocks,
@@ -141,19 +145,36 @@ class WSSSObjective:
             parts["guide"] = self.guide_loss(maps, batch, labels)
             parts["loss"] = parts["loss"] + self.guide_weight * parts["guide"]
         if self_trained:
-            parts.update(self.self_training_losses(model, batch, images, labels, out, flat))
-            parts["loss"] = (parts["loss"] + self.self_train_weight * parts.get("self_train", 0.0)
-                             + self.self_train_attention_weight
-                             * parts.get("self_train_attention", 0.0))
+            terms = self.self_training_losses(model, batch, images, labels, out, flat)
+            weights = {"self_train": self.self_train_weight,
+                       "self_train_attention": self.self_train_attention_weight,
+                       "self_train_absent": self.self_train_absent_weight}
+            parts.update(terms)
+            parts["loss"] = parts["loss"] + sum(weights[name] * term
+                                                for name, term in terms.items())
         return parts
 
     def self_training_losses(self, model: ClassTokenViT, batch: dict, images: Tensor,
                              labels: Tensor, out: dict,
                              flat: Tensor | None) -> dict[str, Tensor]:
-        """The self-training terms (:mod:`~attnmaps.engine.self_training`) on the patches the
-        forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention. The targets are
-        the shares of the batch's stored ``pseudo_mask`` with ``self_train_refresh_epochs``,
-        else made from the batch now."""
+        """The self-training terms with a weight (:mod:`~attnmaps.engine.self_training`) on the
+        patches the forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention."""
+        terms = {}
+        if self.self_train_absent_weight > 0:
+            terms["self_train_absent"] = absent_attention_loss(flat, labels <= 0.5)
+        if not (self.self_train_weight > 0 or self.self_train_attention_weight > 0):
+            return terms
+        targets = self.self_training_targets(model, batch, images, labels, out)
+        if self.self_train_weight > 0:
+            terms["self_train"] = dense_patch_bce(model.patch_head_scores(out["patch"]), targets)
+        if self.self_train_attention_weight > 0:
+            terms["self_train_attention"] = attention_target_loss(flat, targets, labels > 0.5)
+        return terms
+
+    def self_training_targets(self, model: ClassTokenViT, batch: dict, images: Tensor,
+                              labels: Tensor, out: dict) -> Tensor:
+        """Targets [B,K,M] at the kept patches of ``out``: the shares of the batch's stored
+        ``pseudo_mask`` with ``self_train_refresh_epochs``, else made from the batch now."""
         if self.self_train_refresh_epochs:
             if "pseudo_mask" not in batch:
                 raise RuntimeError("train.self_train_refresh_epochs is set but the batch has no "
@@ -168,12 +189,7 @@ class WSSSObjective:
         if "kept" in out:
             kept = out["kept"].unsqueeze(1).expand(-1, targets.shape[1], -1)
             targets = targets.gather(2, kept)
-        terms = {}
-        if self.self_train_weight > 0:
-            terms["self_train"] = dense_patch_bce(model.patch_head_scores(out["patch"]), targets)
-        if self.self_train_attention_weight > 0:
-            terms["self_train_attention"] = attention_target_loss(flat, targets, labels > 0.5)
-        return terms
+        return targets
 
     def self_guide_loss(self, model: ClassTokenViT, patch: Tensor, maps: Tensor,
                         labels: Tensor) -> Tensor:

@@ -15,7 +15,9 @@ kept ones under PatchDropout):
   the whole object and low around it;
 * :func:`attention_target_loss`: the cross-entropy from each present class's target shares,
   normalised to a distribution over the patches, to that class token's attention renormalised
-  over the same patches, so the token spreads its attention over the object instead of a peak.
+  over the same patches, so the token spreads its attention over the object instead of a peak;
+* :func:`absent_attention_loss`: the tokens of the classes *not* in the image attend evenly, so
+  a class's map shows its class and not whatever object the image holds.
 
 Example:
     >>> masks = torch.tensor([[[0, 1], [2, 1]]])  # one 2x2 image: background, class 0, class 1
@@ -25,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -121,3 +124,12 @@ def attention_target_loss(attention: Tensor, targets: Tensor, present: Tensor,
     weights = attention[chosen].float()
     log_attention = (weights.clamp_min(eps) / weights.sum(-1, keepdim=True).clamp_min(eps)).log()
     return -(target * log_attention).sum(-1).mean()
+
+
+def absent_attention_loss(attention: Tensor, absent: Tensor) -> Tensor:
+    """Mean over the absent (image, class) pairs of the KL divergence from the uniform
+    distribution over the N patches to the class token's attention [B,K,N] renormalised over
+    them: 0 when a token whose class is not in the image attends evenly, instead of to the
+    objects that are there (which makes the maps of all classes alike)."""
+    uniform = torch.ones_like(attention, dtype=torch.float32)
+    return attention_target_loss(attention, uniform, absent) - math.log(attention.shape[-1])
