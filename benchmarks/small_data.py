@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 from multiprocessing import get_context
@@ -185,17 +188,34 @@ def run_one(out: Path, data: Path, shared: list[str], split: str, pamr: int, nam
     return result
 
 
+@contextmanager
+def stop_workers_on_sigterm() -> Iterator[None]:
+    """While inside, SIGTERM to this process goes on to its worker processes (a training saves at
+    its next step and stops, so the benchmark resumes) and then ends this one (SystemExit)."""
+    def forward(signum: int, frame: object) -> None:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_all(out: Path, data: Path, shared: list[str], split: str, pamr: int, names: list[str],
             seeds: int, jobs: int, threads: int) -> dict[str, list[dict]]:
     """Every variant and seed: first each distinct network is trained, then every pair is
     scored, each phase spread over ``jobs`` processes of ``threads`` torch threads (``jobs`` 1:
-    in this process), so that two processes never train into the same run directory."""
+    in this process), so that two processes never train into the same run directory. SIGTERM
+    stops the workers too (:func:`stop_workers_on_sigterm`)."""
     pairs = [(name, seed) for name in names for seed in range(seeds)]
     networks = list({trained_run(out, name, seed): (name, seed) for name, seed in pairs}.values())
     pool = (ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
                                 initializer=torch.set_num_threads, initargs=(threads,))
             if jobs > 1 else nullcontext())
-    with pool:
+    with stop_workers_on_sigterm(), pool:
         mapper = pool.map if jobs > 1 else map
         list(mapper(partial(train_one, out, data, shared), *zip(*networks, strict=True)))
         scores = mapper(partial(run_one, out, data, shared, split, pamr), *zip(*pairs, strict=True))

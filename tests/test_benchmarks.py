@@ -339,3 +339,21 @@ def test_self_training_targets_scores_match_the_evaluator(tmp_path: Path) -> Non
     assert set(result["miou_true_labels"]) == {"attention", "fused", "targets 0:8",
                                                "targets 3:4"}
     assert result["cross_entropy"] >= result["target_entropy"] > 0  # Gibbs' inequality
+
+
+def test_small_data_passes_sigterm_on_to_its_workers() -> None:
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    small_data = import_benchmark("small_data")
+    before = signal.getsignal(signal.SIGTERM)
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    with pytest.raises(SystemExit) as stopped, small_data.stop_workers_on_sigterm():
+        worker.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    worker.join(10)
+    assert stopped.value.code == 128 + signal.SIGTERM and worker.exitcode == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
