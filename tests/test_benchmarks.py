@@ -357,3 +357,31 @@ def test_small_data_passes_sigterm_on_to_its_workers() -> None:
     worker.join(10)
     assert stopped.value.code == 128 + signal.SIGTERM and worker.exitcode == -signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_class_maps_side_by_side_draws_the_masks_it_scores(tmp_path: Path) -> None:
+    side_by_side = import_benchmark("class_maps_side_by_side")
+    import numpy as np
+
+    run = tiny_trained_run(tmp_path)
+    read = side_by_side.raw_read_out(run, "val", 5, maps="attention")
+    dataset = read["dataset"]
+    truth = np.stack([dataset[i]["mask"].numpy() for i in range(5)])
+    masks = np.stack(read["masks"])
+    valid = truth != 255
+    ious = []
+    for label in range(dataset.num_classes + 1):
+        hit, true = masks[valid] == label, truth[valid] == label
+        if true.any():
+            ious.append((hit & true).sum() / (hit | true).sum())
+    assert read["scores"]["raw_miou_true_labels"] == pytest.approx(np.mean(ious), abs=1e-6)
+    maps = np.stack(read["maps"])
+    assert maps.shape == (5, dataset.num_classes, 32, 32)
+    assert np.allclose(maps.max((2, 3)), 1.0) and np.allclose(maps.min((2, 3)), 0.0)
+    out = tmp_path / "grid.png"
+    report = side_by_side.side_by_side({"a": run, "b": run}, "val", 2, out, {"b": "attention"})
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(out.with_suffix(".json").read_text()) == report
+    assert [report["runs"][name]["read_out"] for name in "ab"] == ["fused", "attention"]
+    with pytest.raises(ValueError, match=r"--maps names \['c'\]"):
+        side_by_side.side_by_side({"a": run}, "val", 2, out, {"c": "fused"})

@@ -22,11 +22,13 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 def save_attention_grid(path: str | Path, images: Sequence[np.ndarray],
                         gt_masks: Sequence[np.ndarray], pseudo_masks: Sequence[np.ndarray],
                         maps: Sequence[np.ndarray], class_names: Sequence[str],
-                        label_offset: int = 1, probs: Sequence[np.ndarray] | None = None) -> Path:
+                        label_offset: int = 1, probs: Sequence[np.ndarray] | None = None,
+                        row_labels: Sequence[str] | None = None) -> Path:
     """Write a PNG grid; ``maps[i]`` is [K,H,W] at image size, ``class_names`` the mask labels.
 
     ``label_offset`` is 1 when mask label 0 is background (model class c is label c+1).
-    Attention columns are titled with the class name and, when given, its probability.
+    Attention columns are titled with the class name and, when given, its probability;
+    ``row_labels`` name the rows beside their first panel.
     """
     rows, k = len(images), maps[0].shape[0]
     cols = 3 + k
@@ -37,6 +39,8 @@ def save_attention_grid(path: str | Path, images: Sequence[np.ndarray],
         for c, (panel, title) in enumerate(panels):
             axes[r, c].imshow(panel, interpolation="nearest")
             axes[r, c].set_title(title, fontsize=7)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
         for c in range(k):
             ax = axes[r, 3 + c]
             ax.imshow(images[r], alpha=0.45)
