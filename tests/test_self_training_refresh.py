@@ -125,19 +125,19 @@ def test_training_remakes_the_masks_on_schedule_and_a_resume_reads_them(tmp_path
                                                                         monkeypatch) -> None:
     from attnmaps.engine.train import train
 
-    made: list[int] = []
+    made: list[tuple[int, int]] = []
     original = self_training_refresh.training_set_masks
 
-    def recording(model, dataset, cfg, *args, **kwargs):
-        made.append(len(dataset))
-        return original(model, dataset, cfg, *args, **kwargs)
+    def recording(model, dataset, cfg, attn_blocks, batch_size, *args):
+        made.append((len(dataset), batch_size))
+        return original(model, dataset, cfg, attn_blocks, batch_size, *args)
 
     monkeypatch.setattr(self_training_refresh, "training_set_masks", recording)
     cfg = tiny_config(tmp_path, "train.epochs=4", "train.self_train_start_epoch=1",
                       "train.self_train_refresh_epochs=2", "train.ema_decay=0.9",
                       "train.patch_dropout=0.5")
     train(cfg)
-    assert made == [16, 16]  # epochs 1 and 3
+    assert made == [(16, 8), (16, 8)]  # epochs 1 and 3, in batches of the training's size
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [record for record in records if "bce" in record]
     assert [("self_train_attention" in record) for record in steps] == [False] * 2 + [True] * 6
@@ -148,9 +148,9 @@ def test_training_remakes_the_masks_on_schedule_and_a_resume_reads_them(tmp_path
     train_set = WithPseudoMasks(build_dataset(cfg.data, "train", train=True))
     refresh = PseudoMaskRefresh(cfg, train_set, tmp_path / "run", True, 8)
     refresh(None, 3)  # epoch 3's masks are stored: read back, not remade (no model needed)
-    assert made == [16, 16] and np.array_equal(train_set.masks, masks)
+    assert len(made) == 2 and np.array_equal(train_set.masks, masks)
     refresh(None, 4)  # still epoch 3's
-    assert made == [16, 16]
+    assert len(made) == 2
 
 
 def test_config_refuses_refresh_with_mixup_or_persistent_workers() -> None:

@@ -87,7 +87,7 @@ class PseudoMaskRefresh:
                              "without augmentation; self-training masks need one order")
         self.path = Path(run_dir) / MASKS_FILE
         self.is_main = is_main
-        self.batch_size = batch_size if cfg.data.image_size is not None else 1
+        self.batch_size = batch_size
         self.made_at: int | None = None
 
     def __call__(self, model: ClassTokenViT, epoch: int) -> None:
