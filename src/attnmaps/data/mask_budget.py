@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..conventions import IGNORE_INDEX
+from .wrapper import DatasetWrapper
 
 
 def masked_subset(num_images: int, fraction: float, seed: int) -> torch.Tensor:
@@ -21,7 +22,7 @@ def masked_subset(num_images: int, fraction: float, seed: int) -> torch.Tensor:
     return chosen
 
 
-class MaskBudget(Dataset):
+class MaskBudget(DatasetWrapper):
     """``dataset`` whose items report ``has_mask`` only for the chosen fraction of the images.
 
     Items outside the subset keep their image and labels; their mask is set to ignore (255) so
@@ -29,17 +30,9 @@ class MaskBudget(Dataset):
     """
 
     def __init__(self, dataset: Dataset, fraction: float, seed: int = 0, ignore_index: int = IGNORE_INDEX):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.keep = masked_subset(len(dataset), fraction, seed)
         self.ignore_index = ignore_index
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.dataset[i])

@@ -4,13 +4,13 @@ epochs (self-training on the model's own masks, remade every few epochs)."""
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from .base import ImageDataset
 from .transforms import resize_mask
+from .wrapper import DatasetWrapper
 
 
-class WithPseudoMasks(Dataset):
+class WithPseudoMasks(DatasetWrapper):
     """``dataset`` whose items get ``"pseudo_mask"`` [H,W] (long) once :meth:`set_masks` has
     given one uint8 mask per image: resized to the stored image (nearest neighbour) and then
     cropped, resized, rotated, zoomed and flipped with the image and its label mask, so it stays
@@ -23,16 +23,8 @@ class WithPseudoMasks(Dataset):
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"pseudo masks travel with the images of an ImageDataset, got "
                             f"{type(dataset).__name__}")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.masks: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def set_masks(self, masks: np.ndarray) -> None:
         """Use ``masks`` [N,h,w] (uint8, one per image in the dataset's order) from now on."""
