@@ -212,12 +212,13 @@ def test_objective_adds_the_absent_term_without_making_targets(monkeypatch) -> N
     monkeypatch.setattr(objective_module, "refined_patch_targets", no_targets)
     model = small_model().train()
     images = torch.randn(2, 3, 16, 16)
-    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.3], [0.0, 1.0, 0.0]])  # 0.3: a CutMix share, present
     cfg = TrainConfig(gate_lambda=0.0, self_train_absent_weight=0.5)
     parts = WSSSObjective(cfg, [1], True, SETTINGS)(model, {"image": images, "labels": labels},
                                                     "cpu")
     out = model.forward_features(images, attn_blocks=[1])
-    expected = absent_attention_loss(model.class_patch_attention(out["attn"], [1]), labels < 0.5)
+    absent = torch.tensor([[False, True, False], [True, False, True]])
+    expected = absent_attention_loss(model.class_patch_attention(out["attn"], [1]), absent)
     torch.testing.assert_close(parts["self_train_absent"], expected)
     plain = WSSSObjective(TrainConfig(gate_lambda=0.0), [1], True, SETTINGS)(
         model, {"image": images, "labels": labels}, "cpu")

@@ -161,7 +161,8 @@ class WSSSObjective:
         patches the forward ``out`` kept; ``flat`` [B,K,M] is its class-to-patch attention."""
         terms = {}
         if self.self_train_absent_weight > 0:
-            terms["self_train_absent"] = absent_attention_loss(flat, labels <= 0.5)
+            # label 0 only: a class CutMix pasted in keeps a share below 1 but is there
+            terms["self_train_absent"] = absent_attention_loss(flat, labels == 0)
         if not (self.self_train_weight > 0 or self.self_train_attention_weight > 0):
             return terms
         targets = self.self_training_targets(model, batch, images, labels, out)
