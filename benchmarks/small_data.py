@@ -8,7 +8,8 @@ predicted and from true image labels, next to the no-learning floor on the same 
 mAP, class-map correlation, heads closed, and the training's wall-clock and process CPU seconds.
 A variant of ``pseudo.*`` keys only (e.g. "merge by probability") is scored on the recipe's run
 of the same seed, without training. Choose settings on ``--split tune``; report ``--split val``.
-Finished runs are read back, so an interrupted benchmark resumes; ``--jobs N`` trains and scores
+Finished runs are read back, so an interrupted benchmark resumes (SIGTERM or Ctrl-C stops the
+worker processes too, each training at a saved step); ``--jobs N`` trains and scores
 N runs at a time, each in its own process (one per core, ``--threads 1``). Writes
 ``--out/small_data_<split>.json``, a bar chart of it (``.png``) and prints a table.
 
