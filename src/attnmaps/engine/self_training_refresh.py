@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..atomic import atomic_write
 from ..config import Config
+from ..data.base import ImageDataset
 from ..data.pseudo_mask_dataset import WithPseudoMasks
 from ..data.registry import build_dataset
 from ..models.vit import ClassTokenViT
@@ -44,7 +45,7 @@ def refresh_epoch(epoch: int, start: int, every: int) -> int | None:
 
 
 @torch.no_grad()
-def training_set_masks(model: ClassTokenViT, dataset, cfg: Config,
+def training_set_masks(model: ClassTokenViT, dataset: ImageDataset, cfg: Config,
                        attn_blocks: str | Sequence[int], batch_size: int,
                        show_progress: bool = True) -> np.ndarray:
     """uint8 [N, h*cell, w*cell]: :func:`refined_masks` of every image of ``dataset`` (not
