@@ -97,6 +97,10 @@ VARIANTS = {
         "train.self_train_attention_weight=2", "train.self_train_absent_weight=1",
         "train.self_train_start_epoch=30", "train.self_train_refresh_epochs=5",
         "pseudo.maps=attention"],
+    "self-training, masks remade every 10 epochs from epoch 30, absent classes even, attention maps": [
+        "train.self_train_attention_weight=2", "train.self_train_absent_weight=1",
+        "train.self_train_start_epoch=30", "train.self_train_refresh_epochs=10",
+        "pseudo.maps=attention"],
     "gates from epoch 20 (lr x20)": ["train.gate_start_epoch=20", "train.gate_lr_scale=20"],
     "attention maps (not fused)": ["pseudo.maps=attention"],
     "one scale (no TTA)": ["pseudo.tta_scales=[1.0]"],
