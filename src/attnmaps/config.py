@@ -503,11 +503,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'pretrain.mask_ratio' is {cfg.pretrain.mask_ratio}; expected "
                          "a fraction of the patches in (0, 1), e.g. 0.6")
     check_early_size(cfg)
-    for key in ("rotate_start_epoch", "zoom_start_epoch", "early_size_epochs"):
-        if getattr(cfg.data, key) and cfg.data.persistent_workers:
-            raise ConfigError(f"Config key 'data.{key}' is {getattr(cfg.data, key)}; persistent "
-                              "loader workers (data.persistent_workers=true) would keep the "
-                              "epoch-0 augmentation: set data.persistent_workers=false")
+    changing_per_epoch = {  # what the loader's dataset copy must see change between epochs
+        "data.rotate_start_epoch": (cfg.data.rotate_start_epoch, "augmentation"),
+        "data.zoom_start_epoch": (cfg.data.zoom_start_epoch, "augmentation"),
+        "data.early_size_epochs": (cfg.data.early_size_epochs, "augmentation"),
+        "train.self_train_refresh_epochs": (cfg.train.self_train_refresh_epochs,
+                                            "self-training masks")}
+    for key, (value, what) in changing_per_epoch.items():
+        if value and cfg.data.persistent_workers:
+            raise ConfigError(f"Config key '{key}' is {value}; persistent loader workers "
+                              f"(data.persistent_workers=true) would keep the epoch-0 {what}: "
+                              "set data.persistent_workers=false")
     if cfg.train.gate_lr_scale <= 0:
         raise ConfigError(f"Config key 'train.gate_lr_scale' is {cfg.train.gate_lr_scale}; expected "
                          "a positive multiple of train.lr for the head gates")
@@ -526,17 +532,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'train.self_train_weight' is {cfg.train.self_train_weight}, "
                           "a loss on the patch head's scores, but model.patch_head is false; set "
                           "model.patch_head=true or train.self_train_weight=0")
-    if cfg.train.self_train_refresh_epochs:
-        if cfg.train.mix == "mixup":
-            raise ConfigError("Config key 'train.self_train_refresh_epochs' is "
-                              f"{cfg.train.self_train_refresh_epochs}: its stored masks cannot "
-                              "follow a Mixup blend; set train.mix=cutmix or none, or "
-                              "train.self_train_refresh_epochs=0 (targets made every step)")
-        if cfg.data.persistent_workers:
-            raise ConfigError("Config key 'train.self_train_refresh_epochs' is "
-                              f"{cfg.train.self_train_refresh_epochs}; persistent loader workers "
-                              "(data.persistent_workers=true) would keep the first masks: set "
-                              "data.persistent_workers=false")
+    if cfg.train.self_train_refresh_epochs and cfg.train.mix == "mixup":
+        raise ConfigError("Config key 'train.self_train_refresh_epochs' is "
+                          f"{cfg.train.self_train_refresh_epochs}: its stored masks cannot "
+                          "follow a Mixup blend; set train.mix=cutmix or none, or "
+                          "train.self_train_refresh_epochs=0 (targets made every step)")
     if cfg.pseudo.maps == "fused" and not cfg.model.patch_head:
         raise ConfigError("Config key 'pseudo.maps' is 'fused', which weighs the attention by "
                           "the patch head's scores, but model.patch_head is false; set "

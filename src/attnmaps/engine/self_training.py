@@ -3,12 +3,13 @@ refined pseudo labels, here at patch level and inside the classifier).
 
 The raw class-token maps are a sharp peak on a few patches over a low plateau: nothing in the
 image-label loss asks a map to cover its object, while the refined read-out (PAMR + binarising)
-does cover it. Each training step the model's own maps of the image's true classes (no
-gradient, evaluation mode, every patch) are refined and binarised as the pseudo masks are
-(at ``cell`` x ``cell`` pixels per patch, PAMR's dilations scaled alike: on CPU the affinities
-at full resolution cost several training steps), and the share of each patch's pixels that
-each class's mask holds becomes the target of two terms on the training forward's patches (the
-kept ones under PatchDropout):
+does cover it. Each training step (or, with ``train.self_train_refresh_epochs``, once every few
+epochs for all training images: :mod:`~attnmaps.engine.self_training_refresh`) the model's own
+maps of the image's true classes (no gradient, evaluation mode, every patch) are refined and
+binarised as the pseudo masks are (at ``cell`` x ``cell`` pixels per patch, PAMR's dilations
+scaled alike: on CPU the affinities at full resolution cost several training steps), and the
+share of each patch's pixels that each class's mask holds becomes the target of two terms on the
+training forward's patches (the kept ones under PatchDropout):
 
 * :func:`dense_patch_bce`: the patch head's per-patch class scores against those shares
   (absent classes: 0 on every patch), so its sigmoid, which fused maps multiply in, is high on
@@ -16,8 +17,8 @@ kept ones under PatchDropout):
 * :func:`attention_target_loss`: the cross-entropy from each present class's target shares,
   normalised to a distribution over the patches, to that class token's attention renormalised
   over the same patches, so the token spreads its attention over the object instead of a peak;
-* :func:`absent_attention_loss`: the tokens of the classes *not* in the image attend evenly, so
-  a class's map shows its class and not whatever object the image holds.
+* :func:`absent_attention_loss`: the tokens of the classes *not* in the image are pulled to
+  attend evenly, instead of to whatever object the image holds (which makes all maps alike).
 
 Example:
     >>> masks = torch.tensor([[[0, 1], [2, 1]]])  # one 2x2 image: background, class 0, class 1

@@ -315,8 +315,9 @@ def setup(cfg: Config, ctx: DistContext, resume: bool, allow_changes: bool = Fal
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     check_masks(val_set, cfg.data.val_split)
-    with_pseudo_masks = WithPseudoMasks(train_set) if cfg.train.self_train_refresh_epochs else None
-    train_set = with_pseudo_masks or train_set
+    with_pseudo_masks = None
+    if cfg.train.self_train_refresh_epochs:
+        train_set = with_pseudo_masks = WithPseudoMasks(train_set)
     if cfg.train.mask_fraction > 0:
         # A seed apart from the epoch orders' (seed * 100003 + epoch), or the images with masks
         # would be exactly the first batches of epoch 0.
